@@ -1,0 +1,113 @@
+"""Per-database and per-fidelity errors in the units people quote."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections import OrderedDict
+from typing import Dict, List
+
+import torch
+
+import sevenn._keys as KEY
+
+EV_A3_TO_GPA = 160.21766208
+# (column, unit, scale from sevenn's eV-based units)
+QUANTITIES = (('energy', 'meV/atom', 1000.0), ('force', 'meV/Å', 1000.0),
+              ('stress', 'GPa', EV_A3_TO_GPA))
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.abs = {q: 0.0 for q, _, _ in QUANTITIES}
+        self.sq = {q: 0.0 for q, _, _ in QUANTITIES}
+        self.n = {q: 0 for q, _, _ in QUANTITIES}
+
+    @torch.no_grad()
+    def update(self, output, *args, **kwargs) -> None:
+        natoms = output[KEY.NUM_ATOMS].reshape(-1).to(torch.float64)
+        pairs = {
+            'energy': (output[KEY.PRED_TOTAL_ENERGY].reshape(-1).double() / natoms,
+                       output[KEY.ENERGY].reshape(-1).double() / natoms),
+            'force': (output[KEY.PRED_FORCE].reshape(-1).double(),
+                      output[KEY.FORCE].reshape(-1).double()),
+            'stress': (output[KEY.PRED_STRESS].reshape(-1).double(),
+                       output[KEY.STRESS].reshape(-1).double()),
+        }
+        for q, (pred, ref) in pairs.items():
+            ok = torch.isfinite(ref)  # absent labels are NaN: not counted
+            if not ok.any():
+                continue
+            d = (pred[ok] - ref[ok]).detach()
+            self.abs[q] += float(d.abs().sum())
+            self.sq[q] += float((d * d).sum())
+            self.n[q] += int(ok.sum())
+
+    def result(self) -> Dict[str, float]:
+        out = {}
+        for q, _, scale in QUANTITIES:
+            n = self.n[q]
+            out[f'{q}_mae'] = self.abs[q] / n * scale if n else float('nan')
+            out[f'{q}_rmse'] = (self.sq[q] / n) ** 0.5 * scale if n else float('nan')
+        return out
+
+
+class FidelityMetrics:
+    """One accumulator per loader (trainset, validset, <fidelity>_validset, ...)."""
+
+    def __init__(self) -> None:
+        self.acc: Dict[str, _Accumulator] = OrderedDict()
+
+    def recorder(self, name: str) -> _Accumulator:
+        if name not in self.acc:
+            self.acc[name] = _Accumulator()
+        return self.acc[name]
+
+    def results(self) -> Dict[str, Dict[str, float]]:
+        return {k: a.result() for k, a in self.acc.items()}
+
+    def table(self, epoch: int) -> str:
+        units = {q: u for q, u, _ in QUANTITIES}
+        head = f"{'set':<28}" + ''.join(
+            f'{q + " MAE (" + units[q] + ")":>24}' for q, _, _ in QUANTITIES)
+        rows = [f'per-set errors, epoch {epoch}', head]
+        for name, r in self.results().items():
+            rows.append(f'{name:<28}' + ''.join(
+                f'{r[q + "_mae"]:>24.3f}' for q, _, _ in QUANTITIES))
+        return '\n'.join(rows) + '\n'
+
+    def write_epoch(self, path: str, epoch: int, lr: float) -> None:
+        """Append one row per set, then reset for the next epoch."""
+        new = not os.path.isfile(path)
+        cols = ['epoch', 'lr', 'set'] + [f'{q}_{m}' for q, _, _ in QUANTITIES
+                                         for m in ('mae', 'rmse')]
+        with open(path, 'a', newline='') as f:
+            w = csv.writer(f)
+            if new:
+                w.writerow(cols)
+            for name, r in self.results().items():
+                w.writerow([epoch, f'{lr:.6g}', name] +
+                           [f'{r[c]:.6g}' for c in cols[3:]])
+        for a in self.acc.values():
+            a.reset()
+
+    @staticmethod
+    def truncate_csv(path: str, start_epoch: int) -> None:
+        """Drop rows of epochs a resumed run will redo."""
+        if not os.path.isfile(path):
+            return
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+        if not rows:
+            return
+        keep = [rows[0]] + [r for r in rows[1:] if r and int(r[0]) < start_epoch]
+        with open(path, 'w', newline='') as f:
+            csv.writer(f).writerows(keep)
+
+    @staticmethod
+    def read_csv(path: str) -> List[Dict[str, str]]:
+        with open(path, newline='') as f:
+            return list(csv.DictReader(f))
