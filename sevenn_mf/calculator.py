@@ -35,18 +35,24 @@ class SevenNetMFCalculator(SevenNetCalculator):
     def fidelities(self):
         return self.checkpoint.fidelities
 
+    def _check_species(self, atoms) -> None:
+        unknown = sorted(set(atoms.get_atomic_numbers()) - set(self.type_map))
+        if unknown:
+            from ase.data import chemical_symbols
+
+            raise ValueError(
+                f'element(s) {", ".join(chemical_symbols[z] for z in unknown)} '
+                f'not in the model (species: {", ".join(self.checkpoint.species)})'
+            )
+
+    def set_atoms(self, atoms) -> None:
+        self._check_species(atoms)
+
     def calculate(self, atoms=None, properties=None, system_changes=None):
         from ase.calculators.calculator import all_changes
 
         if atoms is not None:
-            unknown = sorted(set(atoms.get_atomic_numbers()) - set(self.type_map))
-            if unknown:
-                from ase.data import chemical_symbols
-
-                raise ValueError(
-                    f'element(s) {", ".join(chemical_symbols[z] for z in unknown)} '
-                    f'not in the model (species: {", ".join(self.checkpoint.species)})'
-                )
+            self._check_species(atoms)
         super().calculate(atoms, properties, system_changes or all_changes)
         # ASE expects plain float64 arrays
         for k in ('forces', 'stress', 'energies'):

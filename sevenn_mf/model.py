@@ -143,7 +143,8 @@ def fold(model: AtomGraphSequential, config: Dict[str, Any],
     f_idx = config[KEY.MODAL_MAP][fidelity]
     rescale = model._modules['rescale_atomic_energy']
     cfg = plain_config(config, rescale, fidelity)
-    plain = build_E3_equivariant_model(copy.deepcopy(cfg))
+    dtype = next(model.parameters()).dtype
+    plain = build_E3_equivariant_model(copy.deepcopy(cfg)).to(dtype)
     src = model.state_dict()
     dst = plain.state_dict()
     layers = fidelity_layers(model)

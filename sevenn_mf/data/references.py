@@ -1,0 +1,122 @@
+"""Per-element reference energies and the shared force scale.
+
+Each fidelity has its own energy zero (different codes, functionals, basis
+sets), so reference energies are fitted per fidelity: the caller passes one
+fidelity's data at a time. The force scale is shared across fidelities, since
+forces do not depend on the energy zero.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Iterable, List, Sequence, Union
+
+import numpy as np
+import sevenn._keys as KEY
+from ase.data import atomic_numbers, chemical_symbols
+from sevenn._const import NUM_UNIV_ELEMENT
+
+_NULL_TOL = 1e-8
+
+
+def _symbol(s: Union[str, int]) -> str:
+    if isinstance(s, str):
+        if s not in atomic_numbers:
+            raise ValueError(f'unknown element {s!r}')
+        return s
+    return chemical_symbols[int(s)]
+
+
+def _numbers_energy_forces(item: Any):
+    """(atomic numbers, energy, forces) of a Frame or a sevenn graph."""
+    if hasattr(item, 'numbers') and hasattr(item, 'energy'):  # Frame
+        return item.numbers, item.energy, item.forces
+    z = item[KEY.ATOMIC_NUMBERS].detach().cpu().numpy()
+    e = float(item[KEY.ENERGY])
+    f = item[KEY.FORCE].detach().cpu().numpy()
+    return z, e, f
+
+
+def fit_reference_energies(
+    data: Iterable[Any], species: Sequence[Union[str, int]]
+) -> Dict[str, float]:
+    """Least-squares e_Z with E_total ≈ Σ_Z n_Z e_Z, over structures whose
+    energy is labelled (NaN energies are skipped).
+
+    ``data``: graphs or frames of one fidelity. ``species``: symbols or
+    atomic numbers. Returns ``{symbol: eV}`` for every species; an element
+    absent from the labelled structures gets 0.0 (it cannot be fitted, and 0.0
+    leaves the model's own shift in charge). When compositions cannot separate
+    some elements (one composition only, a fixed stoichiometry, ...), the
+    minimum-norm solution is returned with a warning naming them: only the
+    combinations seen in the data are then meaningful.
+    """
+    symbols = [_symbol(s) for s in species]
+    column = {atomic_numbers[s]: i for i, s in enumerate(symbols)}
+    rows, energies = [], []
+    for item in data:
+        z, e, _ = _numbers_energy_forces(item)
+        if not np.isfinite(e):
+            continue
+        counts = np.zeros(len(symbols))
+        for zi in np.asarray(z, dtype=int):
+            if int(zi) not in column:
+                raise ValueError(
+                    f'element {chemical_symbols[int(zi)]} is not in species '
+                    f'({", ".join(symbols)})'
+                )
+            counts[column[int(zi)]] += 1
+        rows.append(counts)
+        energies.append(e)
+    refs = {s: 0.0 for s in symbols}
+    if not rows:
+        warnings.warn(
+            'no structure has an energy label: reference energies set to 0.0',
+            stacklevel=2,
+        )
+        return refs
+    a, y = np.array(rows), np.array(energies)
+    seen = np.flatnonzero(a.sum(axis=0) > 0)
+    a = a[:, seen]
+    coef, _, rank, _ = np.linalg.lstsq(a, y, rcond=None)
+    if rank < len(seen):
+        _warn_undetermined(a, rank, [symbols[i] for i in seen])
+    for i, c in zip(seen, coef):
+        refs[symbols[i]] = float(c)
+    return refs
+
+
+def _warn_undetermined(a: np.ndarray, rank: int, symbols: List[str]) -> None:
+    # Elements with weight in the null space of the composition matrix are
+    # those whose individual values the data cannot fix.
+    _, _, vt = np.linalg.svd(a, full_matrices=True)
+    null = vt[rank:]
+    loose = [s for s, col in zip(symbols, null.T) if np.abs(col).max() > _NULL_TOL]
+    warnings.warn(
+        f'reference energies of {", ".join(loose)} are not separately determined '
+        f'by the data (composition rank {rank} < {len(symbols)} elements): using '
+        'the minimum-norm least-squares solution; only the compositions present '
+        'in the data are fitted',
+        stacklevel=3,
+    )
+
+
+def force_rms(data: Iterable[Any]) -> float:
+    """RMS of all labelled force components (NaN = unlabelled, skipped)."""
+    total, count = 0.0, 0
+    for item in data:
+        f = np.asarray(_numbers_energy_forces(item)[2], dtype=float)
+        f = f[~np.isnan(f)]
+        total += float(np.sum(f * f))
+        count += f.size
+    if count == 0:
+        raise ValueError('no force labels: cannot compute a force scale')
+    return float(np.sqrt(total / count))
+
+
+def as_univ_list(refs: Dict[str, float]) -> List[float]:
+    """sevenn's "univ" shift format: a list indexed by atomic number."""
+    out = [0.0] * NUM_UNIV_ELEMENT
+    for s, v in refs.items():
+        out[atomic_numbers[_symbol(s)]] = float(v)
+    return out
