@@ -64,6 +64,8 @@ def set_fidelities(config: Dict[str, Any], fidelities: Sequence[str],
     config[KEY.USE_MODALITY] = True
     config[KEY.MODAL_MAP] = {name: i for i, name in enumerate(fidelities)}
     config[KEY.NUM_MODALITIES] = len(fidelities)
+    config.setdefault(KEY.USE_MODAL_WISE_SHIFT, False)
+    config.setdefault(KEY.USE_MODAL_WISE_SCALE, False)
     return config
 
 
