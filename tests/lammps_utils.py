@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
@@ -145,6 +146,13 @@ def find_lmp(kind: str = 'serial') -> Optional[str]:
     for cand in candidates:
         if _usable(cand, kind):
             return os.path.abspath(cand)
+        if env_path and cand == candidates[0]:
+            warnings.warn(
+                f'{ENV_VARS[kind]}={env_path} is not a usable LAMMPS for '
+                f'{kind} SevenNet runs (`lmp -h` must list '
+                f"{'e3gnn/parallel in an MPI build' if kind == 'mpi' else 'e3gnn'})",
+                stacklevel=2,
+            )
     return None
 
 
@@ -155,15 +163,14 @@ def skip_reason(kind: str = 'serial') -> str:
     style = 'e3gnn/parallel (MPI build)' if kind == 'mpi' else 'e3gnn'
     return (
         f'no LAMMPS with pair_style {style} found: build it with '
-        f'`bash {BUILD_SCRIPT}{flag}` (about 5 min on 2 cores; root is needed '
+        f'`bash {BUILD_SCRIPT}{flag}` (5-10 min on 2 cores; root is needed '
         'the first time for apt) or set '
         f'{ENV_VARS[kind]}=/path/to/lmp; looked for {ENV_VARS[kind]}, '
         f'{lammps_cache_dir()}/<key>/bin/lmp and `lmp` on PATH'
     )
 
 
-def _mpirun_cmd(nprocs: int, lmp: str) -> List[str]:
-    # prefer the mpirun next to the mpi headers the binary was built with
+def _mpirun_cmd(nprocs: int) -> List[str]:
     mpirun = shutil.which('mpirun') or shutil.which('mpiexec')
     if mpirun is None:
         raise LammpsError(
@@ -211,7 +218,7 @@ def run_lammps(
     (workdir / 'in.lammps').write_text(input_text)
     cmd = [str(lmp), '-in', 'in.lammps', '-log', 'log.lammps', *extra_args]
     if nprocs > 1:
-        cmd = _mpirun_cmd(nprocs, str(lmp)) + cmd
+        cmd = _mpirun_cmd(nprocs) + cmd
     run_env = _lmp_env(env)
     if nprocs > 1:
         # shared-memory transport without CMA (often blocked in containers)
