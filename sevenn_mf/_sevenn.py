@@ -53,10 +53,18 @@ FIDELITIES = 'fidelities'  # list of names; index = position
 BEST_FIDELITY = 'best_fidelity'
 FREEZE_SHARED = 'freeze_shared'
 SHARED_LR_FACTOR = 'shared_lr_factor'
+PRETRAINED = 'pretrained'  # checkpoint path or pretrained name to fine-tune
+PRETRAINED_FIDELITY = 'pretrained_fidelity'
+PRETRAINED_ADD = 'pretrained_add'  # {new fidelity: existing one it starts from}
+FIT_NEW_REFERENCES = 'fit_new_references'
 # data section
 DATABASES = 'databases'
 REFERENCE_ENERGIES = 'reference_energies'
 SAMPLING = 'sampling'
+STORAGE = 'storage'  # 'memory' | 'lmdb' (sevenn_mf.data.store)
+GRAPH_STORE_DIR = 'graph_store_dir'  # where lmdb stores live (default <wd>/graph_store)
+PREPROCESS_WORKERS = 'preprocess_workers'  # processes building graphs
+STORAGES = ('memory', 'lmdb')
 
 LAYER_MODES = ('onehot', 'indexed')
 MODAL_POSITION_KEYS = {
@@ -78,11 +86,18 @@ def _register_config_keys() -> None:
         BEST_FIDELITY: (None, lambda v: v is None or isinstance(v, str)),
         FREEZE_SHARED: (False, bool),
         SHARED_LR_FACTOR: (1.0, float),
+        PRETRAINED: (None, lambda v: v is None or isinstance(v, str)),
+        PRETRAINED_FIDELITY: (None, lambda v: v is None or isinstance(v, str)),
+        PRETRAINED_ADD: ({}, lambda v: isinstance(v, dict)),
+        FIT_NEW_REFERENCES: (False, bool),
     }
     data_keys = {
         DATABASES: ([], list),
         REFERENCE_ENERGIES: ({}, dict),
         SAMPLING: ({}, dict),
+        STORAGE: ('memory', lambda v: v in STORAGES),
+        GRAPH_STORE_DIR: (None, lambda v: v is None or isinstance(v, str)),
+        PREPROCESS_WORKERS: (1, int),
     }
     for keys, defaults, cond in (
         (model_keys, _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG,

@@ -31,12 +31,40 @@ from .model import build_model, fidelity_names
 
 PathLike = Union[str, pathlib.Path]
 
-# sevenn downloads these at run time; offline, the user must place the file
-_DOWNLOADED = getattr(_const, 'CHECKPOINT_DOWNLOAD_LINKS', {})
 
 
 class CheckpointError(ValueError):
     pass
+
+
+class _NotLocal(Exception):
+    """Raised instead of sevenn's download (see :func:`_pretrained_path`)."""
+
+    def __init__(self, path: str, url: str) -> None:
+        super().__init__(path)
+        self.path, self.url = path, url
+
+
+def _pretrained_path(name: str) -> str:
+    """sevenn's name -> path lookup, without its download.
+
+    ``sevenn.util.pretrained_name_to_path`` downloads checkpoints that the
+    wheel does not ship, and ``download_checkpoint`` creates their directory
+    inside site-packages before the HTTP request, so an offline attempt leaves
+    empty directories in the installation. The download function is replaced
+    for the duration of the lookup: a checkpoint that is not on disk gives our
+    error, and nothing is written anywhere.
+    """
+
+    def _refuse(path: str, url: str) -> str:
+        raise _NotLocal(path, url)
+
+    saved = sevenn_util.download_checkpoint
+    sevenn_util.download_checkpoint = _refuse
+    try:
+        return sevenn_util.pretrained_name_to_path(name)
+    finally:
+        sevenn_util.download_checkpoint = saved
 
 
 def _resolve_source(source: PathLike) -> str:
@@ -46,26 +74,30 @@ def _resolve_source(source: PathLike) -> str:
     if os.path.exists(source):
         raise CheckpointError(f'{source} is not a file')
     try:
-        path = sevenn_util.pretrained_name_to_path(source)
+        path = _pretrained_path(source)
+    except _NotLocal as exc:
+        raise CheckpointError(_offline_message(source, exc.path, exc.url)) from None
+    except FileNotFoundError as exc:
+        raise CheckpointError(_offline_message(source, str(exc), None)) from None
     except ValueError:
         names = ', '.join(sevenn_util.get_available_pretrained_models())
         raise CheckpointError(
             f'{source!r} is neither a checkpoint file nor a pretrained name '
             f'(pretrained: {names})'
         ) from None
-    except Exception as exc:  # download failure (offline machine)
-        raise CheckpointError(_offline_message(source, exc)) from None
     if not os.path.isfile(path):
-        raise CheckpointError(_offline_message(source, None))
+        raise CheckpointError(_offline_message(source, path, None))
     return path
 
 
-def _offline_message(name: str, exc: Optional[BaseException]) -> str:
-    why = f' ({type(exc).__name__}: {exc})' if exc else ''
+def _offline_message(name: str, path: str, url: Optional[str]) -> str:
+    cache = path.replace(_const._prefix, os.path.expanduser('~/.cache/sevennet'))
+    where = f'from {url} ' if url else ''
     return (
         f'pretrained checkpoint {name!r} is not shipped inside the sevenn wheel '
-        f'and could not be downloaded{why}. Download it on a machine with '
-        'network access (see sevenn.util.pretrained_name_to_path) and pass the '
+        'and sevenn_mf does not download it. Download it '
+        f'{where}on a machine with network access and either put it at '
+        f'{cache} (where sevenn looks for it; the name then works) or pass the '
         'local .pth file path instead of the name.'
     )
 

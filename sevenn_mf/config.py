@@ -23,6 +23,7 @@ import sevenn._keys as KEY
 from sevenn.parse_input import init_data_config, init_model_config, init_train_config
 
 from . import _sevenn as S
+from .finetune import check_reference_options
 
 
 class ConfigError(ValueError):
@@ -94,6 +95,7 @@ def config_from_dict(raw: Dict[str, Any], base_dir: str = '.') -> Dict[str, Any]
     S.install_hooks()
     raw = copy.deepcopy(raw)
     model_raw = raw.get('model') or {}
+    user_model_keys = sorted(model_raw)
     train_raw = raw.get('train') or {}
     data_raw = raw.get('data') or {}
 
@@ -126,6 +128,12 @@ def config_from_dict(raw: Dict[str, Any], base_dir: str = '.') -> Dict[str, Any]
         raise ConfigError(str(exc)) from None
     config[S.DATABASES] = databases
     config['_base_dir'] = os.path.abspath(base_dir)
+    # which model keys the YAML named (a pretrained model ignores architecture)
+    config['_user_model_keys'] = user_model_keys
+    try:
+        check_reference_options(config)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if config[S.FIDELITY_LAYER_MODE] not in S.LAYER_MODES:
         raise ConfigError(
             f'fidelity_layer_mode must be one of {S.LAYER_MODES}, '

@@ -15,6 +15,7 @@ units people quote (meV/atom, meV/Å, GPa) in a CSV.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import os
 import re
@@ -24,6 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.utils.data import ConcatDataset
 from torch_geometric.loader import DataLoader
 
 import sevenn._keys as KEY
@@ -33,11 +35,13 @@ from sevenn.scripts.processing_epoch import processing_epoch_v2
 from sevenn.train.trainer import Trainer
 
 from . import _sevenn as S
+from . import finetune
 from .checkpoint import atomic_torch_save
 from .data import graphs as G
 from .data.databases import DatabaseSpec, parse_databases, read_frames, validate_frames
-from .data.references import as_univ_list, fit_reference_energies, force_rms
-from .data.sampler import DatabaseSampler
+from .data.references import as_univ_list, fit_reference_energies
+from .data.sampler import DatabaseSampler, ShardSampler
+from .data.store import force_sq_count
 from .metrics import FidelityMetrics
 from .model import build_model, fidelity_parameter_names, set_fidelities
 
@@ -65,22 +69,43 @@ class TrainingData:
     def train_graphs(self) -> List[Any]:
         return [g for db in self.databases for g in db.train]
 
-    def valid_sets(self) -> Dict[str, List[Any]]:
+    def summaries(self, fidelity: Optional[str] = None) -> List[Any]:
+        """Per-structure statistics inputs of the training structures (of one
+        fidelity), in database order; from the store without reading graphs."""
+        from .data.store import summarize
+
+        out: List[Any] = []
+        for db in self.databases:
+            if fidelity is None or db.spec.fidelity == fidelity:
+                out.extend(db.train.summaries() if hasattr(db.train, 'summaries')
+                           else [summarize(g) for g in db.train])
+        return out
+
+    def valid_sets(self) -> Dict[str, Any]:
         """Loader name -> graphs: all, per fidelity, per database."""
-        sets: Dict[str, List[Any]] = {}
-        everything = [g for db in self.databases for g in db.valid]
-        if not everything:
+        sets: Dict[str, Any] = {}
+        everything = _concat([db.valid for db in self.databases])
+        if not len(everything):
             return sets
         sets['validset'] = everything
         for fid in self.fidelities:
-            gs = [g for db in self.databases if db.spec.fidelity == fid for g in db.valid]
-            if gs:
+            gs = _concat([db.valid for db in self.databases if db.spec.fidelity == fid])
+            if len(gs):
                 sets[f'{fid}_validset'] = gs
         if len(self.databases) > len(self.fidelities):
             for db in self.databases:
                 if db.valid:
                     sets[f'{db.spec.name}_db_validset'] = db.valid
         return sets
+
+
+def _concat(parts: List[Any]) -> Any:
+    """Graph lists stay a list; on-disk datasets (data.storage: lmdb) are
+    concatenated lazily."""
+    parts = [p for p in parts if len(p)]
+    if all(isinstance(p, list) for p in parts):
+        return [g for p in parts for g in p]
+    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
 # ---- data ---------------------------------------------------------------------------
@@ -99,6 +124,10 @@ def prepare_data(config: Dict[str, Any], working_dir: str,
     """Read, validate and graph all databases; fill the data-derived config
     (species, fidelities, references, scale, conv denominator). All input
     errors are raised here, before any model is built."""
+    if config.get(S.STORAGE, 'memory') == 'lmdb':
+        from .data.store import prepare_store_data
+
+        return prepare_store_data(config, working_dir, log)
     config = copy.deepcopy(config)
     base_dir = config.get('_base_dir', os.getcwd())
     specs = parse_databases(config[S.DATABASES], base_dir)
@@ -126,15 +155,7 @@ def prepare_data(config: Dict[str, Any], working_dir: str,
         config.update(sevenn_util.chemical_species_preprocess(
             _species_of({**frames_by_db, **valid_frames})))
 
-    fids = list(config.get(S.FIDELITIES) or [])
-    for spec in specs:
-        if spec.fidelity not in fids:
-            if config.get(S.FIDELITIES):
-                raise ValueError(
-                    f"database '{spec.name}' has fidelity '{spec.fidelity}', which "
-                    f"is not in model.fidelities ({', '.join(fids)})")
-            fids.append(spec.fidelity)
-    set_fidelities(config, fids, config[S.FIDELITY_LAYER_MODE])
+    _resolve_fidelities(config, specs)
 
     # 2. graphs
     cutoff = float(config[KEY.CUTOFF])
@@ -168,6 +189,18 @@ def prepare_data(config: Dict[str, Any], working_dir: str,
     return data
 
 
+def _resolve_fidelities(config: Dict[str, Any], specs: List[DatabaseSpec]) -> None:
+    fids = list(config.get(S.FIDELITIES) or [])
+    for spec in specs:
+        if spec.fidelity not in fids:
+            if config.get(S.FIDELITIES):
+                raise ValueError(
+                    f"database '{spec.name}' has fidelity '{spec.fidelity}', which "
+                    f"is not in model.fidelities ({', '.join(fids)})")
+            fids.append(spec.fidelity)
+    set_fidelities(config, fids, config[S.FIDELITY_LAYER_MODE])
+
+
 def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
     """Per-fidelity element references (shift), shared scale, conv denominator."""
     from ase.data import chemical_symbols
@@ -185,8 +218,7 @@ def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
                              "shift: elemwise_reference_energies, or give numbers")
         refs = {}
         for fid in data.fidelities:
-            graphs = [g for db in data.databases if db.spec.fidelity == fid
-                      for g in db.train]
+            graphs = data.summaries(fid)
             fitted = fit_reference_energies(graphs, species) if graphs else {}
             fitted = {el: fitted.get(el, 0.0) for el in species}
             fitted.update({k: float(v) for k, v in (user_refs.get(fid) or {}).items()})
@@ -195,11 +227,15 @@ def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
                 f'{el} {e:.4f}' for el, e in fitted.items()) + ' eV')
         config[KEY.SHIFT] = {fid: as_univ_list(r) for fid, r in refs.items()}
         config[KEY.USE_MODAL_WISE_SHIFT] = True
+    summaries = data.summaries()
     scale = config.get(KEY.SCALE)
     if isinstance(scale, str):
         if scale != 'force_rms':
             raise ValueError("scale must be 'force_rms' or a number")
-        rms = force_rms(data.train_graphs())
+        total, count = force_sq_count(summaries)  # = force_rms(train graphs)
+        if count == 0:
+            raise ValueError('no force labels: cannot compute a force scale')
+        rms = float(np.sqrt(total / count))
         if not np.isfinite(rms) or rms <= 0:
             rms = 1.0
         config[KEY.SCALE] = float(rms)
@@ -208,12 +244,12 @@ def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
     if isinstance(denom, str):
         if denom not in ('avg_num_neigh', 'sqrt_avg_num_neigh'):
             raise ValueError(f'conv_denominator {denom!r} is not supported')
-        n_edges = sum(int(g[KEY.EDGE_IDX].shape[1]) for g in data.train_graphs())
-        n_atoms = sum(int(g[KEY.NUM_ATOMS]) for g in data.train_graphs())
+        n_edges = sum(s.n_edges for s in summaries)
+        n_atoms = sum(s.n_atoms for s in summaries)
         avg = n_edges / max(n_atoms, 1)
         config[KEY.CONV_DENOMINATOR] = float(avg if denom == 'avg_num_neigh'
                                              else math.sqrt(avg))
-    has_stress = any(torch.isfinite(g[KEY.STRESS]).all() for g in data.train_graphs())
+    has_stress = any(s.stress_ok for s in summaries)
     if config.get(KEY.IS_TRAIN_STRESS, True) and not has_stress:
         log('no training structure has a stress label: stress is not trained')
         config[KEY.IS_TRAIN_STRESS] = False
@@ -248,11 +284,18 @@ def make_loaders(data: TrainingData, config: Dict[str, Any],
         shuffle=bool(config.get(KEY.TRAIN_SHUFFLE, True)),
         num_replicas=world_size, rank=rank, **sampling,
     )
-    train = [g for db in train_dbs for g in db.train]
+    train = _concat([db.train for db in train_dbs])
+    extra = {}
+    workers = int(config.get(KEY.NUM_WORKERS, 0) or 0)
+    if workers > 0:  # e.g. with data.storage: lmdb, workers read the store
+        extra = {'num_workers': workers, 'persistent_workers': True}
     loaders = {'trainset': NamedLoader(
-        'trainset', DataLoader(train, batch_size=batch, sampler=sampler))}
+        'trainset', DataLoader(train, batch_size=batch, sampler=sampler, **extra))}
     for name, graphs in data.valid_sets().items():
-        loaders[name] = NamedLoader(name, DataLoader(graphs, batch_size=batch))
+        # under DDP each rank evaluates a disjoint shard; the errors are all-reduced
+        shard = ShardSampler(len(graphs), world_size, rank) if world_size > 1 else None
+        loaders[name] = NamedLoader(name, DataLoader(graphs, batch_size=batch,
+                                                     sampler=shard, **extra))
     return loaders
 
 
@@ -272,8 +315,30 @@ class MFTrainer(Trainer):
         self.user_per_epoch = int(config.get(KEY.PER_EPOCH, 10) or 10)
         self.metrics = FidelityMetrics()
         self.metrics_csv = os.path.join(self.working_dir, 'metrics.csv')
-        self.metrics.truncate_csv(self.metrics_csv, start_epoch)
-        self.progress = sys.stderr.isatty()
+        if self.rank == 0:
+            self.metrics.truncate_csv(self.metrics_csv, start_epoch)
+        self.progress = sys.stderr.isatty() and self.rank == 0
+
+    def enable_ddp(self) -> None:
+        """Data parallel over the initialised process group (gloo on CPU,
+        nccl on GPU). sevenn's Trainer wraps DDP itself only for nccl/mpi, so
+        the trainer is built non-distributed and wrapped here; the optimizer
+        already holds the same Parameter objects."""
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        kwargs = {}
+        if self.device.type == 'cuda':
+            kwargs['device_ids'] = [self.device]
+        # buffers are constants (shift/scale, cutoffs): synced once at init,
+        # not before every forward
+        if 'forward_sync_buffers' in inspect.signature(DDP).parameters:
+            kwargs['forward_sync_buffers'] = False
+        else:
+            kwargs['broadcast_buffers'] = False
+        self.model = DDP(self.model, **kwargs)
+        self.model.module.set_is_batch_data(True)
+        self.distributed = True
+        self.rank = torch.distributed.get_rank()
 
     # one call per loader per epoch (processing_epoch_v2)
     def run_one_epoch(self, loader: Iterable, is_train: bool = False,
@@ -283,20 +348,67 @@ class MFTrainer(Trainer):
         sampler = getattr(loader, 'sampler', None)
         if is_train and hasattr(sampler, 'set_epoch'):
             sampler.set_epoch(self.epoch)
-        tee = _Tee(error_recorder, self.metrics.recorder(name))
-        super().run_one_epoch(loader, is_train, tee, memory_error_recorder,
-                              wrap_tqdm=len(loader) if (self.progress and is_train) else False)
+        acc = self.metrics.recorder(name)
+        tee = _Tee(error_recorder, acc)
+        bar = len(loader) if (self.progress and is_train) else False
+        if self.distributed:
+            self._run_one_epoch_ddp(loader, is_train, tee, memory_error_recorder, bar)
+            if error_recorder is not None:
+                self.recorder_all_reduce(error_recorder)
+            acc.all_reduce(self.device)
+        else:
+            super().run_one_epoch(loader, is_train, tee, memory_error_recorder,
+                                  wrap_tqdm=bar)
         if name == self.best_loader and error_recorder is not None:
             cur = error_recorder.get_current()
             if self.best_metric in cur:
                 self._epoch_best_candidate = float(cur[self.best_metric]['value'])
+
+    def _run_one_epoch_ddp(self, loader, is_train, tee, memory_error_recorder, bar):
+        # Shards may differ by one structure, so ranks may run a different
+        # number of steps: training runs inside DDP's join (a rank that ran
+        # out shadows the gradient all-reduces of the others), evaluation on
+        # the bare module (no collectives at all). sevenn's end-of-epoch
+        # recorder all-reduce is done by the caller, after the join.
+        ddp = self.model
+        self.distributed = False
+        try:
+            if is_train:
+                with ddp.join(divide_by_initial_world_size=False):
+                    super().run_one_epoch(loader, True, tee, memory_error_recorder,
+                                          wrap_tqdm=bar)
+                if _uneven_steps(loader):
+                    self._sync_from_rank0()
+            else:
+                self.model = ddp.module
+                super().run_one_epoch(loader, False, tee, memory_error_recorder,
+                                      wrap_tqdm=bar)
+        finally:
+            self.model = ddp
+            self.distributed = True
+
+    def _sync_from_rank0(self) -> None:
+        """After an epoch in which rank 0 (which always has the largest shard)
+        took steps the others did not, give every rank its parameters (DDP's
+        join already broadcasts them) and optimizer state."""
+        import torch.distributed as dist
+
+        for t in self.model.module.state_dict().values():
+            dist.broadcast(t, src=0)
+        state = [self.optimizer.state_dict() if self.rank == 0 else None]
+        dist.broadcast_object_list(state, src=0)
+        if self.rank != 0:
+            self.optimizer.load_state_dict(state[0])
 
     # called once per epoch, after all loaders
     def scheduler_step(self, metric: Optional[float] = None) -> None:
         Logger().write(self.metrics.table(self.epoch))
         lr = self.get_lr()  # of the epoch that just ran
         super().scheduler_step(metric)
-        self.metrics.write_epoch(self.metrics_csv, self.epoch, lr)
+        if self.rank == 0:
+            self.metrics.write_epoch(self.metrics_csv, self.epoch, lr)
+        else:
+            self.metrics.reset()
         self.epoch += 1
 
     def write_checkpoint(self, path: str, **extra) -> None:
@@ -321,22 +433,98 @@ class MFTrainer(Trainer):
         atomic_torch_save(cp, path)
 
 
+def _uneven_steps(loader) -> bool:
+    """Whether the ranks run different numbers of training steps this epoch
+    (the same answer on every rank: it depends only on the sampler)."""
+    sampler = getattr(loader, 'sampler', None)
+    inner = getattr(loader, 'loader', loader)
+    batch = getattr(inner, 'batch_size', None)
+    if not isinstance(sampler, DatabaseSampler) or not batch:
+        return False
+    if sampler.mode != 'proportional':
+        return False  # padded: equal steps by construction
+    steps = {math.ceil(len(range(r, sampler.epoch_length, sampler.num_replicas)) / batch)
+             for r in range(sampler.num_replicas)}
+    return len(steps) > 1
+
+
 def make_trainer(model: torch.nn.Module, config: Dict[str, Any]) -> MFTrainer:
     # Trainer.from_config is a staticmethod that instantiates Trainer itself;
     # re-classing its result keeps sevenn's config->arguments mapping in one place
-    trainer = Trainer.from_config(model, config)
+    trainer = Trainer.from_config(model, {**config, KEY.IS_DDP: False})
     trainer.__class__ = MFTrainer
+    if config.get(KEY.IS_DDP, False):
+        trainer.enable_ddp()
     return trainer
 
 
+# ---- distributed ------------------------------------------------------------------
+def init_distributed(config: Dict[str, Any]) -> Tuple[int, int]:
+    """(rank, world size). Under torchrun (WORLD_SIZE > 1) or with
+    ``config['is_ddp']`` (``--distributed``), joins the process group: gloo
+    on CPU, nccl on GPU (one device per local rank)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if not config.get(KEY.IS_DDP, False) and world <= 1:
+        config[KEY.IS_DDP] = False
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if 'RANK' not in os.environ:
+            raise ValueError('distributed training needs a launcher that sets RANK, '
+                             'WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun)')
+        local_rank = int(os.environ.get('LOCAL_RANK', '0'))
+        device = str(config.get(KEY.DEVICE, 'auto'))
+        cuda = torch.cuda.is_available() and not device.startswith('cpu')
+        if cuda:
+            torch.cuda.set_device(local_rank)
+            config[KEY.DEVICE] = f'cuda:{local_rank}'
+        else:
+            config[KEY.DEVICE] = 'cpu'
+        dist.init_process_group(backend='nccl' if cuda else 'gloo')
+    config[KEY.IS_DDP] = True
+    config[KEY.DDP_BACKEND] = str(dist.get_backend())
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _prepare_data_once(config, working_dir, log, rank: int, world: int) -> TrainingData:
+    """Rank 0 reads the data and builds graph caches / stores; the other
+    ranks then load them (no concurrent builds). A data error on rank 0
+    stops every rank."""
+    if world == 1:
+        return prepare_data(config, working_dir, log=log)
+    import torch.distributed as dist
+
+    if rank != 0:
+        msg = [None]
+        dist.broadcast_object_list(msg, src=0)
+        if msg[0] is not None:
+            raise ValueError(f'rank 0 could not prepare the data: {msg[0]}')
+        return prepare_data(config, working_dir, log=log)
+    try:
+        data = prepare_data(config, working_dir, log=log)
+    except Exception as exc:
+        dist.broadcast_object_list([f'{type(exc).__name__}: {exc}'], src=0)
+        raise
+    dist.broadcast_object_list([None], src=0)
+    return data
+
+
 def freeze_shared(model: torch.nn.Module) -> List[str]:
-    """Leave only fidelity-dependent parameters (and references) trainable."""
+    """Leave only fidelity-dependent parameters and the per-fidelity energy
+    references trainable (the references train even without
+    ``train_shift_scale``). In onehot mode the fidelity layers' weight tensors
+    also hold shared paths: :func:`sevenn_mf.finetune.configure_optimizer`
+    keeps those entries fixed."""
     keep = set(fidelity_parameter_names(model))
     frozen = []
     for n, p in model.named_parameters():
         if n not in keep and p.requires_grad:
             p.requires_grad_(False)
             frozen.append(n)
+    shift = 'rescale_atomic_energy.shift'
+    if shift in keep:
+        model.get_parameter(shift).requires_grad_(True)
     return frozen
 
 
@@ -383,21 +571,38 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
     seed = int(config.get(KEY.RANDOM_SEED, 1))
     torch.manual_seed(seed)
     np.random.seed(seed)
+    config = dict(config)
+    owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    rank, world = init_distributed(config)
 
     with Logger(filename=os.path.join(working_dir, 'log.sevenn_mf'),
-                screen=screen, rank=0) as logger:
+                screen=screen, rank=rank) as logger:
         logger.greeting()
-        data = prepare_data(config, working_dir, log=logger.writeline)
+        pretrained = None
+        if config.get(S.PRETRAINED):  # fine-tuning: the model comes from a checkpoint
+            pretrained = finetune.load_pretrained(config, log=logger.writeline)
+            config = pretrained[1]
+        data = _prepare_data_once(config, working_dir, logger.writeline, rank, world)
         config = data.config
         config.setdefault(KEY.IS_DDP, False)
-        loaders = make_loaders(data, config)
+        loaders = make_loaders(data, config, rank=rank, world_size=world)
         logger.writeline(_data_summary(data))
+        if world > 1:
+            logger.writeline(f'distributed data parallel: {world} processes '
+                             f'({config[KEY.DDP_BACKEND]}), per-rank batch '
+                             f'{config[KEY.BATCH_SIZE]}, global batch '
+                             f'{world * int(config[KEY.BATCH_SIZE])}')
 
-        model = build_model(config)
+        if pretrained is not None:
+            model = finetune.finetune_model(pretrained[0], config, data, pretrained[2],
+                                            log=logger.writeline)
+        else:
+            model = build_model(config)
         if config.get(S.FREEZE_SHARED):
             frozen = freeze_shared(model)
             logger.writeline(f'frozen shared parameters: {len(frozen)} tensors')
         trainer = make_trainer(model, config)
+        finetune.configure_optimizer(trainer, config, log=logger.writeline)
         logger.print_model_info(model, config)
 
         start_epoch, best_value = 1, math.inf
@@ -417,6 +622,10 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
                 best_metric_loader_key=best_loader or 'validset', per_epoch=1,
                 working_dir=working_dir,
             )
+    if world > 1:
+        torch.distributed.barrier()  # rank 0's checkpoints are complete
+        if owned:
+            torch.distributed.destroy_process_group()
     best = os.path.join(working_dir, BEST)
     return best if os.path.isfile(best) else last
 
