@@ -34,20 +34,20 @@ def main():
 
     from ase.io import read, write
 
-    import sevenn._keys as KEY
-    import sevenn_mf  # noqa: F401
+    import sevenn_mf  # noqa: F401  (hooks)
+    from _bench_models import multi_fidelity_config, sevennet0_config
     from lammps_utils import find_lmp
     from sevenn.model_build import build_E3_equivariant_model
     from sevenn.scripts.deploy import deploy as sevenn_deploy
-    from sevenn_mf.checkpoint import Checkpoint, save_checkpoint
+    from sevenn_mf.checkpoint import save_checkpoint
     from sevenn_mf.deploy import deploy
-    from sevenn_mf.model import build_model, set_fidelities
+    from sevenn_mf.model import build_model
 
     lmp = args.lmp or find_lmp('serial')
     if lmp is None:
         sys.exit('no LAMMPS with e3gnn: run bash scripts/build_lammps.sh')
     tmp = tempfile.mkdtemp(prefix='bench_deploy_')
-    base = Checkpoint('7net-0').config
+    base = sevennet0_config()
     fids = ['pbe', 'r2scan']
     models = {}
     plain_cp = os.path.join(tmp, 'plain.pth')
@@ -55,13 +55,7 @@ def main():
     sevenn_deploy(plain_cp, fname=os.path.join(tmp, 'plain.pt'))
     models['plain sevenn'] = os.path.join(tmp, 'plain.pt')
     for mode in ('onehot', 'indexed'):
-        cfg = copy.deepcopy(base)
-        set_fidelities(cfg, fids, mode)
-        for k in (KEY.USE_MODAL_SELF_INTER_INTRO, KEY.USE_MODAL_SELF_INTER_OUTRO,
-                  KEY.USE_MODAL_OUTPUT_BLOCK):
-            cfg[k] = True
-        cfg[KEY.USE_MODAL_WISE_SHIFT] = True
-        cfg[KEY.SHIFT] = {f: base[KEY.SHIFT] for f in fids}
+        cfg = multi_fidelity_config(base, mode, fids)
         path = os.path.join(tmp, f'{mode}.pth')
         save_checkpoint(path, build_model(cfg), cfg)
         (pt,) = deploy(path, fidelity='r2scan', output=os.path.join(tmp, f'{mode}.pt'))

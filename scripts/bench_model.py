@@ -64,23 +64,17 @@ def main():
     from torch_geometric.loader import DataLoader
 
     import sevenn._keys as KEY
-    import sevenn_mf  # noqa: F401
+    import sevenn_mf  # noqa: F401  (hooks)
+    from _bench_models import multi_fidelity_config, sevennet0_config
     from sevenn.model_build import build_E3_equivariant_model
-    from sevenn_mf.checkpoint import Checkpoint
-    from sevenn_mf.model import build_model, set_fidelities
+    from sevenn_mf.model import build_model
 
-    base = Checkpoint('7net-0').config  # SevenNet-0 architecture (random weights)
+    base = sevennet0_config()  # SevenNet-0 architecture (random weights)
     fids = ['pbe', 'r2scan']
     torch.manual_seed(0)
     models = {'plain': build_E3_equivariant_model(copy.deepcopy(base))}
     for mode in ('onehot', 'indexed'):
-        cfg = copy.deepcopy(base)
-        set_fidelities(cfg, fids, mode)
-        for k in (KEY.USE_MODAL_SELF_INTER_INTRO, KEY.USE_MODAL_SELF_INTER_OUTRO,
-                  KEY.USE_MODAL_OUTPUT_BLOCK):
-            cfg[k] = True
-        cfg[KEY.USE_MODAL_WISE_SHIFT] = True
-        cfg[KEY.SHIFT] = {f: base[KEY.SHIFT] for f in fids}
+        cfg = multi_fidelity_config(base, mode, fids)
         models[mode] = build_model(cfg)
     for m in models.values():
         m.set_is_batch_data(True)

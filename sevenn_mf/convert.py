@@ -34,7 +34,7 @@ from sevenn.nn.scale import get_resolved_shift_scale
 from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
-from .checkpoint import Checkpoint, PathLike, save_checkpoint
+from .checkpoint import Checkpoint, save_checkpoint
 from .model import (FidelityError, build_model, convert_layer_mode, fidelity_layers,
                     fidelity_names, set_fidelities)
 from .nn.fidelity_linear import FidelityLinear, _instruction_map

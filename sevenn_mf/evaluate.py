@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 from torch_geometric.loader import DataLoader
 
 import sevenn._keys as KEY

@@ -227,7 +227,6 @@ def fit_references(model: torch.nn.Module, config: Dict[str, Any], data,
     their training structures (in place on model and config); returns the
     corrections per fidelity. At most ``max_structures`` (evenly spaced) are
     predicted per fidelity."""
-    species = [chemical_symbols[z] for z in config[KEY.TYPE_MAP]]
     done = {}
     for fid in fidelities:
         graphs = [g for db in data.databases if db.spec.fidelity == fid for g in db.train]

@@ -4,7 +4,6 @@ Skips only when no LAMMPS with SevenNet's pair styles is found; build it with
 ``bash scripts/build_lammps.sh --both`` (the test command does).
 """
 
-import copy
 import subprocess
 import sys
 

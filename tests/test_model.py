@@ -143,9 +143,6 @@ def test_torchscript(mode, ingan_frames):
 
 
 def test_unknown_and_missing_fidelity(ingan_frames):
-    from sevenn_mf.checkpoint import save_checkpoint
-    from sevenn_mf import SevenNetMFCalculator
-
     cfg = small_config('indexed')
     model = perturbed_model(cfg)
     with pytest.raises(FidelityError, match='valid: pbe, r2scan'):

@@ -15,7 +15,7 @@ from ase.io import read, write
 
 import sevenn._keys as KEY
 
-from conftest import QUICKSTART_DATA, REPO
+from conftest import QUICKSTART_DATA
 from sevenn_mf.config import config_from_dict, load_config
 from sevenn_mf.data.databases import DataError
 from sevenn_mf.train import prepare_data, train
@@ -75,7 +75,6 @@ def _metrics(wd):
 
 @pytest.mark.parametrize('mode', ['onehot', 'indexed'])
 def test_end_to_end(tmp_path, mode):
-    from sevenn_mf import SevenNetMFCalculator  # noqa: F401
     from sevenn_mf.checkpoint import Checkpoint
     from sevenn_mf.evaluate import error_summary, predict
 
