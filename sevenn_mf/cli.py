@@ -13,11 +13,23 @@ def _train(args) -> int:
     from .config import load_config
     from .train import train
 
-    config = load_config(args.input)
-    if args.epochs is not None:
-        import sevenn._keys as KEY
+    from .analysis.methods import train_cli, yaml_has_method
 
+    if args.method or yaml_has_method(args.input):  # baselines / MF (issue 6)
+        result = train_cli(args.input, args.working_dir, method=args.method,
+                           resume=args.resume, screen=not args.quiet,
+                           epochs=args.epochs)
+        for ckpt, fid in result.parts:
+            print(f'checkpoint: {ckpt} (fidelity {fid})')
+        print(f'model: {os.path.join(result.directory, "model.json")}')
+        return 0
+    config = load_config(args.input)
+    import sevenn._keys as KEY
+
+    if args.epochs is not None:
         config[KEY.EPOCH] = args.epochs
+    if args.distributed:  # also on by itself under torchrun with WORLD_SIZE > 1
+        config[KEY.IS_DDP] = True
     best = train(config, args.working_dir, resume=args.resume, screen=not args.quiet)
     print(f'checkpoint: {best}')
     return 0
@@ -71,6 +83,140 @@ def _convert(args) -> int:
     return 0
 
 
+def _learning_curve(args) -> int:
+    from .analysis.learning_curve import run_learning_curve
+
+    if args.table:
+        from .analysis.learning_curve import markdown_table
+
+        print(markdown_table(args.working_dir))
+        return 0
+    sizes = [float(x) if '.' in x else int(x) for x in args.sizes or []]
+    rows = run_learning_curve(args.spec, args.working_dir, screen=args.verbose,
+                              methods=args.methods, hf_sizes=sizes, seeds=args.seeds,
+                              epochs=args.epochs)
+    print(f'{len(rows)} runs in {os.path.join(args.working_dir, "results.csv")}; '
+          f'plot: {os.path.join(args.working_dir, "learning_curve.png")}')
+    return 0
+
+
+def _print_summary(summary) -> None:
+    import json
+
+    print(json.dumps(summary, indent=1, default=str))
+
+
+def _hull(args) -> int:
+    from .analysis.hull import hull_report
+    from .analysis.predict import MethodModel
+
+    model = MethodModel.load(args.model, args.fidelity)
+    _print_summary(hull_report(model, args.structures, args.phases or [],
+                               terminals=args.terminals, output=args.output))
+    return 0
+
+
+def _mixing(args) -> int:
+    from .analysis.hull import mixing_report
+    from .analysis.predict import MethodModel
+
+    model = MethodModel.load(args.model, args.fidelity)
+    _print_summary(mixing_report(model, args.structures, args.end_members,
+                                 end_members=args.terminals, choice=args.choice,
+                                 output=args.output))
+    return 0
+
+
+def _parity(args) -> int:
+    from .analysis.parity import parse_data_args, parity_report
+
+    for fid, r in parity_report(args.model, parse_data_args(args.data),
+                                args.output).items():
+        e = r['errors']
+        print(f'{fid}: {r["n_structures"]} structures, energy MAE '
+              f'{e["energy MAE (meV/atom)"]:.3f} meV/atom, force MAE '
+              f'{e["force MAE (meV/Å)"]:.3f} meV/Å, stress MAE '
+              f'{e["stress MAE (GPa)"]:.4f} GPa -> {r["plot"]}')
+    return 0
+
+
+def _deploy_sum(args) -> int:
+    from .analysis.delta import deploy_sum
+    from .analysis.predict import read_parts
+
+    if args.model:
+        parts, _ = read_parts(args.model)
+    else:
+        parts = []
+        for p in args.part:
+            ckpt, _, fid = p.partition('@')
+            parts.append((ckpt, fid or None))
+    if not parts:
+        raise ValueError('give a method run (folder or model.json) or --part CKPT@FIDELITY')
+    print(deploy_sum(parts, args.output))
+    return 0
+
+
+def _add_analysis_parsers(sub) -> None:
+    """Subcommands of the paper's experiments (issue 6)."""
+    lc = sub.add_parser('learning-curve', help='methods x HF-set sizes x seeds '
+                        '(resumable): results.csv, summary.csv, learning_curve.png')
+    lc.add_argument('spec', help='learning-curve YAML '
+                    '(see sevenn_mf.analysis.learning_curve)')
+    lc.add_argument('-w', '--working-dir', default='learning_curve')
+    lc.add_argument('-v', '--verbose', action='store_true',
+                    help='training logs on screen')
+    lc.add_argument('--methods', nargs='+', help="replace the spec's methods")
+    lc.add_argument('--sizes', nargs='+', help="replace the spec's hf_sizes "
+                    '(int: count, with a dot: fraction)')
+    lc.add_argument('--seeds', nargs='+', type=int, help="replace the spec's seeds")
+    lc.add_argument('--epochs', type=int, help="replace the spec's epochs")
+    lc.add_argument('--table', action='store_true',
+                    help='print the results so far as a Markdown table; run nothing')
+    lc.set_defaults(func=_learning_curve)
+
+    model_help = ('checkpoint (with --fidelity) or a sevenn_mf train --method run '
+                  '(folder or model.json)')
+    h = sub.add_parser('hull', help='energies above the convex hull (pymatgen)')
+    h.add_argument('model', help=model_help)
+    h.add_argument('--fidelity')
+    h.add_argument('--structures', nargs='+', required=True)
+    h.add_argument('--phases', nargs='*', help='competing phases')
+    h.add_argument('--terminals', nargs='+', metavar='FORMULA',
+                   help='end members of a compound phase diagram (e.g. GaN InN) '
+                   'when there are no elemental entries')
+    h.add_argument('-o', '--output', help='per-structure CSV')
+    h.set_defaults(func=_hull)
+
+    m = sub.add_parser('mixing', help='mixing energies vs end members (e.g. InGaN)')
+    m.add_argument('model', help=model_help)
+    m.add_argument('--fidelity')
+    m.add_argument('--structures', nargs='+', required=True)
+    m.add_argument('--end-members', nargs='+', required=True,
+                   help='files holding end-member structures (e.g. x = 0 and 1)')
+    m.add_argument('--terminals', nargs='+', default=['GaN', 'InN'], metavar='FORMULA')
+    m.add_argument('--choice', choices=['lowest', 'mean'], default='lowest',
+                   help='end-member energy: lowest-reference-energy structure, or mean')
+    m.add_argument('-o', '--output', help='per-structure CSV')
+    m.set_defaults(func=_mixing)
+
+    pp = sub.add_parser('parity', help='parity plots (energy, force, stress) per '
+                        'fidelity')
+    pp.add_argument('model', help=model_help)
+    pp.add_argument('--data', action='append', required=True,
+                    metavar='FIDELITY=FILE[,FILE]', help='repeat for each fidelity')
+    pp.add_argument('-o', '--output', default='parity')
+    pp.set_defaults(func=_parity)
+
+    ds = sub.add_parser('deploy-sum', help='one pair_style e3gnn file = sum of '
+                        'models (a delta run: LF model + delta model)')
+    ds.add_argument('model', nargs='?', help='a --method delta run (folder or '
+                    'model.json)')
+    ds.add_argument('--part', action='append', default=[], metavar='CKPT@FIDELITY')
+    ds.add_argument('-o', '--output', required=True)
+    ds.set_defaults(func=_deploy_sum)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='sevenn_mf',
@@ -85,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='continue a killed run from checkpoint_last.pth')
     t.add_argument('--epochs', type=int, help='override train.epoch')
     t.add_argument('-q', '--quiet', action='store_true', help='log to file only')
+    t.add_argument('--method', choices=['hf-only', 'transfer', 'delta', 'mf',
+                                        'mf-onehot', 'mf-indexed'],
+                   help='baseline or multi-fidelity training from the same YAML '
+                   '(default: train.method; see sevenn_mf.analysis.methods)')
+    t.add_argument('--distributed', action='store_true',
+                   help='data-parallel training under torchrun (gloo on CPU, nccl on '
+                   'GPU); automatic when torchrun starts more than one process')
     t.set_defaults(func=_train)
 
     i = sub.add_parser('info', help='fidelities, species, cutoff, parameters')
@@ -131,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--drop', action='append', default=[], metavar='NAME')
     c.add_argument('--mode', choices=['onehot', 'indexed'])
     c.set_defaults(func=_convert)
+
+    _add_analysis_parsers(sub)
     return p
 
 

@@ -46,6 +46,22 @@ class _Accumulator:
             self.sq[q] += float((d * d).sum())
             self.n[q] += int(ok.sum())
 
+    def all_reduce(self, device=None) -> None:
+        """Sum the per-rank error sums and counts (DDP): every rank then holds
+        the errors over all ranks' structures."""
+        import torch.distributed as dist
+
+        names = [q for q, _, _ in QUANTITIES]
+        t = torch.tensor([self.abs[q] for q in names] + [self.sq[q] for q in names]
+                         + [float(self.n[q]) for q in names], dtype=torch.float64,
+                         device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        k = len(names)
+        for i, q in enumerate(names):
+            self.abs[q] = float(t[i])
+            self.sq[q] = float(t[k + i])
+            self.n[q] = int(round(float(t[2 * k + i])))
+
     def result(self) -> Dict[str, float]:
         out = {}
         for q, _, scale in QUANTITIES:
@@ -65,6 +81,10 @@ class FidelityMetrics:
         if name not in self.acc:
             self.acc[name] = _Accumulator()
         return self.acc[name]
+
+    def reset(self) -> None:
+        for a in self.acc.values():
+            a.reset()
 
     def results(self) -> Dict[str, Dict[str, float]]:
         return {k: a.result() for k, a in self.acc.items()}

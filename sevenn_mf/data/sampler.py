@@ -4,7 +4,14 @@
 ``temperature``: database d is drawn with probability ∝ n_d^(1/T);
 ``explicit``: database d is drawn with a given ratio.
 The order depends only on (seed, epoch), so a resumed run repeats the same
-schedule, and with ``num_replicas`` > 1 each rank takes a disjoint shard.
+schedule, and with ``num_replicas`` > 1 each rank takes a disjoint shard: rank
+r gets positions r, r + R, r + 2R, ... of the epoch's global order, so that
+with per-rank batch b the ranks' k-th batches together are exactly the k-th
+batch of size R*b of a single-process run. In ``proportional`` mode the shards
+partition the epoch (no structure repeated or dropped; shard sizes differ by
+at most one, the trainer evens out the step count with DDP's ``join``). The
+sampling modes draw with replacement anyway, so there the epoch is rounded up
+to a multiple of R by wrapping around.
 """
 
 from __future__ import annotations
@@ -67,7 +74,12 @@ class DatabaseSampler(Sampler[int]):
             w = [float(n) for n in self.sizes]
         s = sum(w)
         self.probabilities = [x / s for x in w]
-        self.num_samples = math.ceil(self.epoch_length / num_replicas)
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f'rank {rank} is not in a world of {num_replicas}')
+        if mode == 'proportional':  # a partition: no padding
+            self.num_samples = len(range(rank, self.epoch_length, num_replicas))
+        else:
+            self.num_samples = math.ceil(self.epoch_length / num_replicas)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -96,6 +108,8 @@ class DatabaseSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         order = self._global_order()
+        if self.mode == 'proportional':
+            return iter(order[self.rank::self.num_replicas])
         padded = self.num_samples * self.num_replicas
         if len(order) < padded:  # pad by wrapping so every rank has equal steps
             order = order + order[: padded - len(order)]
@@ -103,3 +117,17 @@ class DatabaseSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ShardSampler(Sampler[int]):
+    """Evaluation sets under DDP: rank r takes r, r + R, ... (no padding, no
+    shuffling); per-rank error sums are all-reduced afterwards."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.indices = range(rank, int(size), num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)

@@ -1,0 +1,301 @@
+"""Delta-learning: pairing, difference data, and the summed model.
+
+Structures labelled at two fidelities are matched by ``atoms.info['set']``
+and ``atoms.info['index']`` (the shared datasets' convention: the same
+structure at two fidelities shares both), and checked to be the same
+structure (species, cell, positions). Model B learns HF - LF (energy, and
+forces where both fidelities have them; stress differences are not used).
+
+The prediction at HF is A(LF) + B, available as
+
+* :class:`DeltaCalculator` - an ASE ``SumCalculator`` of the two
+  :class:`~sevenn_mf.calculator.SevenNetMFCalculator`;
+* :func:`deploy_sum` - **one** TorchScript file for LAMMPS ``pair_style
+  e3gnn``: each part is deployed by sevenn's own deploy (after folding its
+  fidelity), and a small scripted module calls both on copies of LAMMPS's
+  input and adds their ``inferred_total_energy`` and ``atomic_energy``.
+  pair_e3gnn differentiates that energy with respect to ``edge_vec``, so the
+  forces and virial are those of the sum. Both parts must share cutoff and
+  species order (``sevenn_mf train --method delta`` guarantees it). Not for
+  ``e3gnn/parallel``, whose per-layer segments cannot be summed this way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from ase.calculators.mixing import SumCalculator
+
+PAIR_KEYS = ('set', 'index')
+
+
+class DeltaPairingError(ValueError):
+    pass
+
+
+# ---- pairing ---------------------------------------------------------------------
+def _pair_key(frame) -> Tuple[str, int]:
+    info = frame.atoms.info if frame.atoms is not None else {}
+    missing = [k for k in PAIR_KEYS if k not in info]
+    if missing:
+        raise DeltaPairingError(
+            f'{frame.where}: atoms.info has no {" / ".join(missing)}; Delta-learning '
+            'pairs structures labelled at two fidelities by info["set"] and '
+            'info["index"]')
+    return str(info['set']), int(info['index'])
+
+
+def pair_frames(hf_frames: Sequence[Any], lf_frames: Sequence[Any],
+                position_tol: float = 1e-4) -> List[Tuple[Any, Any]]:
+    """[(hf, lf)] for every HF frame, in HF order. Raises
+    :class:`DeltaPairingError` for an HF structure without an LF partner, a
+    key used twice, or partners that are not the same structure."""
+    lf_by_key: Dict[Tuple[str, int], Any] = {}
+    for fr in lf_frames:
+        key = _pair_key(fr)
+        if key in lf_by_key:
+            raise DeltaPairingError(
+                f'set={key[0]} index={key[1]} appears twice among the LF paired '
+                f'structures ({lf_by_key[key].where} and {fr.where})')
+        lf_by_key[key] = fr
+    pairs, unpaired, seen = [], [], {}
+    for fr in hf_frames:
+        key = _pair_key(fr)
+        if key in seen:
+            raise DeltaPairingError(f'set={key[0]} index={key[1]} appears twice '
+                                    f'among the HF structures ({seen[key]} and '
+                                    f'{fr.where})')
+        seen[key] = fr.where
+        lf = lf_by_key.get(key)
+        if lf is None:
+            unpaired.append(f'{fr.where} (set={key[0]} index={key[1]})')
+            continue
+        _check_same_structure(fr, lf, position_tol)
+        pairs.append((fr, lf))
+    if unpaired:
+        more = f' and {len(unpaired) - 5} more' if len(unpaired) > 5 else ''
+        raise DeltaPairingError(
+            f'{len(unpaired)} HF structure(s) have no LF label in the paired files: '
+            + '; '.join(unpaired[:5]) + more)
+    return pairs
+
+
+def _check_same_structure(hf, lf, tol: float) -> None:
+    a, b = hf.atoms, lf.atoms
+    what = None
+    if len(a) != len(b) or not np.array_equal(a.numbers, b.numbers):
+        what = 'different atoms'
+    elif not np.allclose(a.cell.array, b.cell.array, atol=tol):
+        what = 'different cells'
+    elif not np.allclose(a.positions, b.positions, atol=tol):
+        what = 'different positions'
+    if what:
+        raise DeltaPairingError(f'{hf.where} and {lf.where} share set and index but '
+                                f'are not the same structure ({what})')
+
+
+def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
+    """HF - LF labels as ASE Atoms (energy; forces where both have them).
+    Structures with neither label are left out."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for hf, lf in pairs:
+        results = {}
+        if hf.present.get('energy') and lf.present.get('energy'):
+            results['energy'] = float(hf.energy - lf.energy)
+        if hf.present.get('force') and lf.present.get('force'):
+            results['forces'] = hf.forces - lf.forces
+        if not results:
+            continue
+        src = hf.atoms
+        atoms = Atoms(numbers=src.numbers, positions=src.positions, cell=src.cell,
+                      pbc=src.pbc)
+        atoms.info.update({k: src.info[k] for k in PAIR_KEYS})
+        atoms.info['fidelity'] = 'delta'
+        atoms.calc = SinglePointCalculator(atoms, **results)
+        out.append(atoms)
+    return out
+
+
+def _write_extxyz(path: str, frames: List[Any]) -> None:
+    import ase.io
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.extxyz')
+    os.close(fd)
+    try:
+        ase.io.write(tmp, frames, format='extxyz')
+        if os.path.isfile(path) and open(path, 'rb').read() == open(tmp, 'rb').read():
+            os.unlink(tmp)  # unchanged: keep the old file (and its mtime)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
+    """Database entries of model B: one per HF database, its structures with
+    HF - LF labels (written under ``out_dir``), weights and validation as the
+    HF database's."""
+    from ..data.databases import parse_databases, read_frames
+    from .methods import DELTA_FIDELITY
+
+    lf_frames = []
+    for f in mi.paired_files():
+        lf_frames += read_frames(f)
+    out = []
+    specs = parse_databases(mi.hf_databases, mi.base_dir)
+    for db, spec in zip(mi.hf_databases, specs):
+        pairs = pair_frames(read_frames(spec), lf_frames)
+        path = os.path.join(out_dir, f'{spec.name}.extxyz')
+        diff = difference_atoms(pairs)
+        if not diff:
+            raise DeltaPairingError(f"database '{spec.name}': no structure has a "
+                                    'label at both fidelities')
+        _write_extxyz(path, diff)
+        entry = {'name': f'{spec.name}_delta', 'fidelity': DELTA_FIDELITY,
+                 'files': [path]}
+        if db.get('weight') is not None:
+            entry['weight'] = db['weight']
+        val = spec.validation or None
+        if val and val.get('files'):
+            vspec = parse_databases([dict(db, files=val['files'], validation=None)],
+                                    mi.base_dir)[0]
+            vpairs = pair_frames(read_frames(vspec), lf_frames)
+            vpath = os.path.join(out_dir, f'{spec.name}_validation.extxyz')
+            _write_extxyz(vpath, difference_atoms(vpairs))
+            entry['validation'] = {'files': [vpath]}
+        elif val:
+            entry['validation'] = dict(val)
+        out.append(entry)
+    return out
+
+
+# ---- ASE -------------------------------------------------------------------------
+class DeltaCalculator(SumCalculator):
+    """HF = LF model at its fidelity + Delta model (an ASE SumCalculator).
+
+    ``DeltaCalculator(base_ckpt, base_fidelity, delta_ckpt,
+    delta_fidelity='delta')``, or ``DeltaCalculator.from_run(run_dir)`` for the
+    folder (or ``model.json``) of ``sevenn_mf train --method delta``.
+    """
+
+    def __init__(self, base, base_fidelity: Optional[str], delta,
+                 delta_fidelity: Optional[str] = 'delta', device: str = 'cpu'):
+        from ..calculator import SevenNetMFCalculator
+
+        self.parts = [(base, base_fidelity), (delta, delta_fidelity)]
+        super().__init__([SevenNetMFCalculator(base, base_fidelity, device=device),
+                          SevenNetMFCalculator(delta, delta_fidelity, device=device)])
+
+    @classmethod
+    def from_run(cls, path: str, device: str = 'cpu') -> 'DeltaCalculator':
+        from .predict import read_parts
+
+        parts, _ = read_parts(path)
+        if len(parts) != 2:
+            raise ValueError(f'{path}: not a delta run ({len(parts)} part(s))')
+        (a, fa), (b, fb) = parts
+        return cls(a, fa, b, fb, device=device)
+
+
+# ---- one TorchScript file ----------------------------------------------------------
+class _SumOfModels(torch.nn.Module):
+    """Calls each deployed model on a copy of the input; adds the energies."""
+
+    def __init__(self, parts: List[torch.nn.Module]) -> None:
+        super().__init__()
+        self.parts = torch.nn.ModuleList(parts)
+
+    def forward(self, data: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        out: Dict[str, torch.Tensor] = {}
+        energy = torch.zeros(1)
+        atomic = torch.zeros(1)
+        first = True
+        for m in self.parts:
+            o = m(data.copy())
+            if first:
+                out = o
+                energy = o['inferred_total_energy']
+                atomic = o['atomic_energy']
+                first = False
+            else:
+                energy = energy + o['inferred_total_energy']
+                atomic = atomic + o['atomic_energy']
+        out['inferred_total_energy'] = energy
+        out['atomic_energy'] = atomic
+        return out
+
+
+_META = ('chemical_symbols_to_index', 'cutoff', 'num_species', 'flashTP', 'oeq',
+         'model_type', 'version', 'dtype', 'time')
+
+
+def _load_deployed(path: str) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
+    files = {k: '' for k in _META}
+    module = torch.jit.load(path, _extra_files=files, map_location='cpu')
+    return module, {k: (v.decode() if isinstance(v, bytes) else v)
+                    for k, v in files.items()}
+
+
+def deploy_sum(parts: Sequence[Tuple[str, Optional[str]]], output: str) -> str:
+    """One ``pair_style e3gnn`` file computing the sum of ``parts``
+    ((checkpoint, fidelity) pairs)."""
+    from ..deploy import deploy
+
+    if len(parts) < 1:
+        raise ValueError('nothing to deploy')
+    modules, metas = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (ckpt, fid) in enumerate(parts):
+            path = deploy(ckpt, fidelity=fid, output=os.path.join(tmp, f'part{i}.pt'))[0]
+            m, meta = _load_deployed(path)
+            modules.append(m)
+            metas.append(meta)
+    for k in ('chemical_symbols_to_index', 'cutoff', 'num_species', 'dtype'):
+        values = {m[k].strip() for m in metas}
+        if len(values) > 1:
+            raise ValueError(f'the parts differ in {k} ({sorted(values)}): a sum of '
+                             'models needs the same cutoff and species order')
+    wrapper = torch.jit.script(_SumOfModels(modules))
+    meta = dict(metas[0])
+    meta['sevenn_mf_sum_of'] = ' + '.join(
+        f'{os.path.basename(str(c))}@{f}' for c, f in parts)
+    output = str(output)
+    if not output.endswith('.pt'):
+        output += '.pt'
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    torch.jit.save(wrapper, output, _extra_files=meta)
+    return os.path.abspath(output)
+
+
+def evaluate_deployed(path: str, atoms) -> Tuple[float, np.ndarray]:
+    """Energy and forces of a deployed serial model on ``atoms``, computed the
+    way pair_e3gnn does (edge vectors in, dE/d(edge_vec) scattered to atoms)."""
+    import sevenn._keys as KEY
+    from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+    module, meta = _load_deployed(path)
+    symbols = meta['chemical_symbols_to_index'].split()
+    cutoff = float(meta['cutoff'])
+    g = unlabeled_atoms_to_graph(atoms, cutoff)
+    edge_index = torch.as_tensor(g[KEY.EDGE_IDX], dtype=torch.int64)
+    edge_vec = torch.as_tensor(g[KEY.EDGE_VEC], dtype=torch.float32).requires_grad_(True)
+    x = torch.tensor([symbols.index(s) for s in atoms.get_chemical_symbols()],
+                     dtype=torch.int64)
+    n = torch.tensor(len(atoms), dtype=torch.int64)
+    out = module({'x': x, 'edge_index': edge_index, 'edge_vec': edge_vec,
+                  'num_atoms': n, 'nlocal': n})
+    energy = out['inferred_total_energy'].squeeze()
+    (de_dr,) = torch.autograd.grad([energy], [edge_vec])
+    forces = torch.zeros(len(atoms), 3)
+    forces.index_add_(0, edge_index[0], de_dr)
+    forces.index_add_(0, edge_index[1], -de_dr)
+    return float(energy.detach()), forces.numpy().astype(float)

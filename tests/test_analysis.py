@@ -1,0 +1,328 @@
+"""The paper's experiments as tools (issue 6): methods, Delta-learning,
+learning curves, mixing energies, energies above hull. Fast (tiny models,
+1-2 epochs on the bundled quickstart data)."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import yaml
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.io import read, write
+
+from conftest import QUICKSTART_DATA
+from sevenn_mf.analysis.delta import (DeltaPairingError, difference_atoms,
+                                      pair_frames)
+from sevenn_mf.analysis.hull import (compare, end_member_references,
+                                     energies_above_hull, formula_units,
+                                     mixing_energies)
+from sevenn_mf.data.databases import Frame
+
+TINY_MODEL = {
+    'chemical_species': 'auto', 'cutoff': 4.0, 'channel': 4, 'lmax': 1,
+    'num_convolution_layer': 1, 'is_parity': False,
+    'weight_nn_hidden_neurons': [8],
+    'radial_basis': {'radial_basis_name': 'bessel', 'bessel_basis_num': 4},
+}
+
+
+# ---- mixing energy ------------------------------------------------------------------
+def test_mixing_energy_known_answer():
+    # end members per formula unit: GaN -10 eV, InN -8 eV
+    refs = {'GaN': -10.0, 'InN': -8.0}
+    comps = [{'Ga': 2, 'In': 2, 'N': 4}, {'Ga': 3, 'In': 1, 'N': 4},
+             {'Ga': 4, 'N': 4}]
+    energies = [2 * -10 + 2 * -8 + 0.8,  # +0.8 eV over 8 atoms / 4 f.u.
+                3 * -10 + 1 * -8 - 0.4,  # below the tie line
+                4 * -10]
+    per_atom, per_fu, frac = mixing_energies(energies, comps, refs)
+    assert per_atom == pytest.approx([0.1, -0.05, 0.0])
+    assert per_fu == pytest.approx([0.2, -0.1, 0.0])
+    assert frac[1] == pytest.approx([0.75, 0.25])
+    assert formula_units({'Ga': 3, 'In': 1, 'N': 4}, ['GaN', 'InN']) == \
+        pytest.approx([3, 1])
+    with pytest.raises(ValueError, match='not a combination'):
+        formula_units({'Ga': 2, 'N': 1}, ['GaN', 'InN'])
+
+
+def test_end_member_choice_and_statistics():
+    comps = [{'Ga': 4, 'N': 4}, {'Ga': 4, 'N': 4}, {'In': 2, 'N': 2},
+             {'Ga': 2, 'In': 2, 'N': 4}]
+    ref = np.array([-40.0, -40.4, -16.2, -36.0])  # lowest GaN: #1 (-10.1 / f.u.)
+    pred = np.array([-40.2, -40.0, -16.0, -35.0])
+    lowest = end_member_references(comps, ref, pred, ['GaN', 'InN'], 'lowest')
+    assert lowest['GaN'] == {'ref': pytest.approx(-10.1), 'pred': pytest.approx(-10.0),
+                             'indices': [1]}  # same structure on both sides
+    assert lowest['InN']['ref'] == pytest.approx(-8.1)
+    mean = end_member_references(comps, ref, pred, ['GaN', 'InN'], 'mean')
+    assert mean['GaN']['ref'] == pytest.approx(-10.05)
+    assert mean['GaN']['pred'] == pytest.approx(-10.025)
+    s = compare([1.0, 2.0, 4.0], [1.0, 3.0, 3.0])
+    # residuals 0, -1, 1; reference mean 7/3 -> SS_tot = 16/9 + 4/9 + 4/9
+    assert s['mae'] == pytest.approx(2 / 3)
+    assert s['r2'] == pytest.approx(1 - 2 / (24 / 9))
+
+
+# ---- energy above hull (pymatgen) -----------------------------------------------------
+def test_hull_elemental_known_answer():
+    pytest.importorskip('pymatgen')
+    # Ga and N at 0 eV/atom, GaN at -1 eV/atom; Ga3N at -0.25 eV/atom lies
+    # 0.25 eV/atom above the Ga-GaN tie line (-0.5 eV/atom at x_N = 0.25)
+    comps = [{'Ga': 1}, {'N': 2}, {'Ga': 1, 'N': 1}, {'Ga': 3, 'N': 1}]
+    energies = [0.0, 0.0, -2.0, -1.0]
+    eh = energies_above_hull(comps, energies)
+    assert eh == pytest.approx([0.0, 0.0, 0.0, 0.25], abs=1e-9)
+    with pytest.raises(ValueError, match='terminals'):
+        energies_above_hull(comps[2:], energies[2:])  # no elemental entries
+
+
+def test_hull_compound_known_answer():
+    pytest.importorskip('pymatgen')
+    comps = [{'Ga': 1, 'N': 1}, {'In': 1, 'N': 1}, {'Ga': 2, 'In': 2, 'N': 4},
+             {'Ga': 3, 'In': 1, 'N': 4}, {'Ga': 1, 'In': 3, 'N': 4}]
+    # GaN -10 / f.u., InN -8 / f.u.; alloys +0.8, +0.4, -0.8 eV from the
+    # GaN-InN tie line. The last one (x = 0.75) is below it, so the hull is
+    # GaN -- Ga1In3N4 -- InN and the other two are measured from its first leg
+    energies = [-10.0, -8.0, -36.0 + 0.8, -38.0 + 0.4, -34.0 - 0.8]
+    eh = energies_above_hull(comps, energies, terminals=['GaN', 'InN'])
+    # tie line GaN (x=0, -5 eV/atom) -- Ga1In3N4 (x=0.75, -4.35 eV/atom)
+    line = lambda x: -5.0 + (x / 0.75) * (-4.35 + 5.0)  # noqa: E731
+    assert eh[0] == pytest.approx(0.0, abs=1e-9)
+    assert eh[4] == pytest.approx(0.0, abs=1e-9)
+    assert eh[2] == pytest.approx(-35.2 / 8 - line(0.5), abs=1e-9)
+    assert eh[3] == pytest.approx(-37.6 / 8 - line(0.25), abs=1e-9)
+    assert eh[1] == pytest.approx(0.0, abs=1e-9)  # a terminal
+
+
+# ---- Delta pairing -----------------------------------------------------------------
+def _frame(atoms, energy, forces=None, where='x', **info):
+    a = atoms.copy()
+    a.info.clear()
+    a.info.update(info)
+    res = {'energy': energy}
+    if forces is not None:
+        res['forces'] = forces
+    a.calc = SinglePointCalculator(a, **res)
+    fr = Frame.from_atoms(a, file=where)
+    fr.atoms.info.update(info)
+    return fr
+
+
+@pytest.fixture(scope='module')
+def cell():
+    a = read(QUICKSTART_DATA / 'r2scan.extxyz', 0)
+    a.calc = None
+    return a
+
+
+def test_delta_pairing_and_differences(cell):
+    f = np.ones((len(cell), 3))
+    hf = [_frame(cell, -10.0, 2 * f, set='s', index=0),
+          _frame(cell, -11.0, None, set='s', index=1)]  # energy only
+    lf = [_frame(cell, -4.0, f, set='s', index=1), _frame(cell, -3.0, f, set='s', index=0),
+          _frame(cell, -5.0, f, set='s', index=7)]  # extra LF structures are fine
+    pairs = pair_frames(hf, lf)
+    assert [(p[0].atoms.info['index'], p[1].energy) for p in pairs] == [(0, -3.0),
+                                                                         (1, -4.0)]
+    diff = difference_atoms(pairs)
+    assert diff[0].get_potential_energy() == pytest.approx(-7.0)
+    assert diff[0].get_forces() == pytest.approx(f)
+    assert diff[1].get_potential_energy() == pytest.approx(-7.0)
+    assert 'forces' not in diff[1].calc.results  # only where both have forces
+
+
+def test_delta_pairing_errors(cell):
+    hf = [_frame(cell, -10.0, set='s', index=0, where='hf.extxyz'),
+          _frame(cell, -10.0, set='s', index=3, where='hf.extxyz')]
+    lf = [_frame(cell, -3.0, set='s', index=0)]
+    with pytest.raises(DeltaPairingError, match=r'1 HF structure\(s\) have no LF label'
+                       r'.*hf.extxyz.*index=3'):
+        pair_frames(hf, lf)
+    with pytest.raises(DeltaPairingError, match='no set / index'):
+        pair_frames([_frame(cell, -1.0)], lf)
+    with pytest.raises(DeltaPairingError, match='appears twice'):
+        pair_frames(hf[:1], lf + [_frame(cell, -3.0, set='s', index=0)])
+    moved = cell.copy()
+    moved.positions[0] += 0.1
+    with pytest.raises(DeltaPairingError, match='not the same structure'):
+        pair_frames(hf[:1], [_frame(moved, -3.0, set='s', index=0)])
+    other = [_frame(cell, -3.0, set='other', index=0)]  # same index, other set
+    with pytest.raises(DeltaPairingError, match='no LF label'):
+        pair_frames(hf[:1], other)
+
+
+# ---- training through the methods ------------------------------------------------------
+def _train_section(epochs):
+    return {'random_seed': 1, 'epoch': epochs, 'per_epoch': 100,
+            'optimizer': 'adam', 'optim_param': {'lr': 0.01},
+            'scheduler': 'linearlr',
+            'scheduler_param': {'start_factor': 1.0, 'end_factor': 0.5,
+                                'total_iters': epochs},
+            'loss': 'mse', 'force_loss_weight': 0.1, 'stress_loss_weight': 1e-4,
+            'best_fidelity': 'r2scan', 'device': 'cpu'}
+
+
+def _methods_yaml(tmp_path, epochs=1, **train_extra):
+    """PBE + r2SCAN (quickstart slices) and paired 'LF' labels of the r2SCAN
+    structures (synthetic: the r2SCAN labels shifted, for the mechanics)."""
+    pbe = read(QUICKSTART_DATA / 'pbe.extxyz', ':')[:12]
+    r2 = read(QUICKSTART_DATA / 'r2scan.extxyz', ':')[:8]
+    write(tmp_path / 'pbe.extxyz', pbe)
+    write(tmp_path / 'r2scan.extxyz', r2)
+    paired = []
+    for a in r2:
+        b = a.copy()
+        b.info = {'set': a.info['set'], 'index': a.info['index'], 'fidelity': 'pbe'}
+        b.calc = SinglePointCalculator(b, energy=a.get_potential_energy() + 0.5 * len(a),
+                                       forces=0.9 * a.get_forces())
+        paired.append(b)
+    write(tmp_path / 'r2scan_at_pbe.extxyz', paired)
+    raw = {
+        'model': dict(TINY_MODEL),
+        'train': dict(_train_section(epochs), hf_fidelity='r2scan',
+                      delta={'paired_files': 'r2scan_at_pbe.extxyz'}, **train_extra),
+        'data': {'batch_size': 4, 'databases': [
+            {'name': 'lf', 'fidelity': 'pbe', 'files': 'pbe.extxyz',
+             'validation': {'ratio': 0.25, 'seed': 1}},
+            {'name': 'hf', 'fidelity': 'r2scan', 'files': 'r2scan.extxyz',
+             'validation': {'ratio': 0.25, 'seed': 1}}]},
+    }
+    path = tmp_path / 'methods.yaml'
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_delta_method_sum_calculator_and_one_deployed_file(tmp_path, cell):
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.delta import DeltaCalculator, deploy_sum, evaluate_deployed
+    from sevenn_mf.cli import main
+
+    path = _methods_yaml(tmp_path)
+    wd = tmp_path / 'delta'
+    assert main(['train', str(path), '--method', 'delta', '-w', str(wd), '-q']) == 0
+    meta = json.loads((wd / 'model.json').read_text())
+    assert [p['fidelity'] for p in meta['parts']] == ['pbe', 'delta']
+    # model B learned the differences of the paired structures
+    diff = read(wd / 'delta_data' / 'hf.extxyz', ':')
+    r2 = read(tmp_path / 'r2scan.extxyz', ':')
+    assert diff[0].get_potential_energy() == pytest.approx(-0.5 * len(r2[0]))
+    assert diff[0].get_forces() == pytest.approx(0.1 * r2[0].get_forces(), abs=1e-6)
+
+    atoms = cell.repeat((1, 1, 2))
+    a = atoms.copy()
+    a.calc = DeltaCalculator.from_run(str(wd))
+    e, f = a.get_potential_energy(), a.get_forces()
+    parts = [(wd / p['checkpoint'], p['fidelity']) for p in meta['parts']]
+    e_sum = 0.0
+    for ckpt, fid in parts:
+        b = atoms.copy()
+        b.calc = SevenNetMFCalculator(str(ckpt), fid)
+        e_sum += b.get_potential_energy()
+    assert e == pytest.approx(e_sum, abs=1e-5)
+    # one TorchScript file for pair_style e3gnn computing the same sum
+    pt = deploy_sum([(str(c), fid) for c, fid in parts], str(tmp_path / 'delta.pt'))
+    e_pt, f_pt = evaluate_deployed(pt, atoms)
+    assert e_pt == pytest.approx(e, abs=1e-4)
+    assert np.abs(f_pt - f).max() < 1e-4
+
+
+def test_learning_curve_resumable(tmp_path):
+    from sevenn_mf.analysis.learning_curve import RESULTS, run_learning_curve
+
+    _methods_yaml(tmp_path, epochs=1)
+    write(tmp_path / 'test.extxyz', read(QUICKSTART_DATA / 'r2scan_test_x0.5.extxyz', ':4'))
+    spec = {'input': 'methods.yaml', 'methods': ['mf-onehot'], 'hf_sizes': [4],
+            'seeds': [2], 'test': {'files': ['test.extxyz']},
+            'mixing': {'end_members': ['r2scan.extxyz']}}
+    spec_path = tmp_path / 'lc.yaml'
+    spec_path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / 'lc'
+    logs = []
+    rows = run_learning_curve(str(spec_path), str(out), log=logs.append)
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r['method'], r['n_hf'], r['seed']) == ('mf-onehot', '4', '2')
+    assert np.isfinite(float(r['energy_mae'])) and np.isfinite(float(r['force_mae']))
+    assert np.isfinite(float(r['mixing_mae']))
+    for name in ('summary.csv', 'learning_curve.png', RESULTS):
+        assert (out / name).is_file()
+    subset = read(out / 'subsets' / 's2_n4' / 'hf.extxyz', ':')
+    assert len(subset) == 4
+    ckpt = out / r['run_dir'] / 'mf-onehot' / 'checkpoint_best.pth'
+    mtime = ckpt.stat().st_mtime
+
+    # second invocation: the finished run is skipped
+    logs.clear()
+    rows2 = run_learning_curve(str(spec_path), str(out), log=logs.append)
+    assert rows2 == rows
+    assert any('skipped' in ln for ln in logs)
+    assert ckpt.stat().st_mtime == mtime
+
+    # results lost, training kept: re-evaluated without training again
+    os.unlink(out / RESULTS)
+    logs.clear()
+    rows3 = run_learning_curve(str(spec_path), str(out), log=logs.append)
+    assert any('reused' in ln for ln in logs) and ckpt.stat().st_mtime == mtime
+    assert rows3[0]['energy_mae'] == r['energy_mae']
+    with open(out / RESULTS) as fh:
+        assert len(list(csv.DictReader(fh))) == 1
+
+
+def test_method_input_errors(tmp_path):
+    from sevenn_mf.analysis.methods import MethodError, read_method_input, run_method
+
+    path = _methods_yaml(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw['train']['method'] = 'magic'
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match='unknown method'):
+        read_method_input(str(bad))
+    raw['train']['method'] = 'delta'
+    raw['train'].pop('delta')
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match='paired_files'):
+        run_method(read_method_input(str(bad)), None, str(tmp_path / 'w'))
+    raw['train']['hf_fidelity'] = 'ccsdt'
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match="no database has the HF fidelity 'ccsdt'"):
+        run_method(read_method_input(str(bad)), 'hf-only', str(tmp_path / 'w'))
+
+
+def test_deployed_delta_sum_in_lammps(tmp_path, cell):
+    """The one-file delta model in pair_style e3gnn equals DeltaCalculator."""
+    from lammps_utils import find_lmp, run_lammps, thermo_table
+
+    from sevenn_mf.analysis.delta import DeltaCalculator, deploy_sum
+    from sevenn_mf.analysis.methods import read_method_input, run_method
+
+    lmp = find_lmp('serial')
+    if lmp is None:
+        pytest.skip('no LAMMPS with pair_style e3gnn (scripts/build_lammps.sh)')
+    path = _methods_yaml(tmp_path)
+    res = run_method(read_method_input(str(path)), 'delta', str(tmp_path / 'd'),
+                     screen=False, log=lambda s: None)
+    pt = deploy_sum(res.parts, str(tmp_path / 'sum.pt'))
+    species = ['Ga', 'In', 'N']
+    atoms = cell.repeat((2, 1, 1))
+    data = tmp_path / 'data.lmp'
+    write(data, atoms, format='lammps-data', specorder=species, masses=True)
+    back = read(data, format='lammps-data', Z_of_type={1: 31, 2: 49, 3: 7})
+    back.pbc = True
+    out = run_lammps(lmp, f"""
+units metal
+atom_style atomic
+boundary p p p
+read_data {data}
+pair_style e3gnn
+pair_coeff * * {pt} {' '.join(species)}
+thermo_style custom step pe
+thermo_modify format float %20.10f
+run 0
+""", tmp_path)
+    back.calc = DeltaCalculator(res.parts[0][0], res.parts[0][1],
+                                res.parts[1][0], res.parts[1][1])
+    assert thermo_table(out)[-1]['PotEng'] == pytest.approx(
+        back.get_potential_energy(), abs=1e-4 * len(back))
