@@ -556,6 +556,17 @@ def _best_loader(config: Dict[str, Any], loaders: Dict[str, Any]) -> Optional[st
     return 'validset' if 'validset' in loaders else None
 
 
+def _logger_for(path: str, screen: bool, rank: int) -> Logger:
+    """sevenn's Logger is a process-wide singleton that keeps the file and screen
+    flag of its first construction; point it at this run's file, so a second
+    training in the same process (learning curves, tests) logs where it runs."""
+    logger = Logger(filename=path, screen=screen, rank=rank)
+    if rank == 0 and logger.logfile is None:
+        logger.switch_file(path)
+        logger.screen = bool(screen)
+    return logger
+
+
 def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
           screen: bool = True) -> str:
     """Train; returns the path of the best (or last) checkpoint."""
@@ -575,8 +586,7 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
     owned = not (torch.distributed.is_available() and torch.distributed.is_initialized())
     rank, world = init_distributed(config)
 
-    with Logger(filename=os.path.join(working_dir, 'log.sevenn_mf'),
-                screen=screen, rank=rank) as logger:
+    with _logger_for(os.path.join(working_dir, 'log.sevenn_mf'), screen, rank) as logger:
         logger.greeting()
         pretrained = None
         if config.get(S.PRETRAINED):  # fine-tuning: the model comes from a checkpoint
@@ -624,8 +634,8 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
             )
     if world > 1:
         torch.distributed.barrier()  # rank 0's checkpoints are complete
-        if owned:
-            torch.distributed.destroy_process_group()
+#EXP        if owned:
+#EXP            torch.distributed.destroy_process_group()
     best = os.path.join(working_dir, BEST)
     return best if os.path.isfile(best) else last
 

@@ -83,6 +83,8 @@ def test_end_to_end(tmp_path, mode):
     wd = tmp_path / 'run'
     best = train(config, str(wd), screen=False)
     assert best.endswith('checkpoint_best.pth')
+    # every run logs into its own folder, also the n-th training of a process
+    assert 'databases:' in (wd / 'log.sevenn_mf').read_text()
 
     rows = _metrics(wd)
     sets = {r['set'] for r in rows}

@@ -326,7 +326,6 @@ def run_stage(name: str, raw: Dict[str, Any], base_dir: str, stage_dir: str,
     if graph_cache:
         config['graph_cache_dir'] = graph_cache
     log(f'[{name}] training in {stage_dir}' + (' (resumed)' if cont else ''))
-    _point_logger_to(os.path.join(stage_dir, 'log.sevenn_mf'), screen)
     t0 = time.time()
     ckpt = train(config, stage_dir, resume=cont, screen=screen)
     seconds = spent + time.time() - t0
@@ -335,18 +334,6 @@ def run_stage(name: str, raw: Dict[str, Any], base_dir: str, stage_dir: str,
                             'seconds': seconds})
     log(f'[{name}] done in {seconds:.0f} s: {ckpt}')
     return StageResult(name, stage_dir, ckpt, seconds, True)
-
-
-def _point_logger_to(path: str, screen: bool) -> None:
-    """sevenn's Logger is a process-wide singleton that keeps the file name
-    and screen flag of its first construction: without this, every later
-    training in the same process would log into the first one's file."""
-    from sevenn.logger import Logger
-
-    logger = Logger()
-    if logger.logfile is None:
-        logger.switch_file(path)
-        logger.screen = bool(screen)
 
 
 # ---- building the stage configs ----------------------------------------------------
