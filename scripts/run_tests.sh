@@ -17,7 +17,7 @@ if [ -z "${SEVENN_MF_SKIP_LAMMPS_BUILD:-}" ]; then
 fi
 # 2 cores: one torch thread per process keeps tests from oversubscribing
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -rs -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
     echo "[tests] pytest collected no tests: that is a failure" >&2
