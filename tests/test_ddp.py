@@ -22,6 +22,7 @@ summation order in the gradient all-reduce).
 
 import csv
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -73,10 +74,17 @@ def _run(cmd, cwd):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(k, None)
-    p = subprocess.run(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                       stderr=subprocess.STDOUT, timeout=240)
-    assert p.returncode == 0, p.stdout.decode()[-4000:]
-    return p.stdout.decode()
+    # own session: on a timeout the ranks (torchrun's children) go too
+    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, _ = p.communicate()
+        pytest.fail('timed out:\n' + out.decode()[-4000:])
+    assert p.returncode == 0, out.decode()[-4000:]
+    return out.decode()
 
 
 def _rows(path):
