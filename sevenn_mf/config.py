@@ -73,22 +73,30 @@ def _native_modal_databases(data: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def load_config(path: str) -> Dict[str, Any]:
-    """The flat global config (sevenn style) of a training YAML."""
-    path = os.path.abspath(path)
+def read_sections(path: str, error: type = None) -> Dict[str, Any]:
+    """The raw model/train/data sections of a YAML file; a missing file, bad
+    YAML or unknown section raises ``error`` (default :class:`ConfigError`)
+    naming the file."""
+    error = error or ConfigError
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)
     except FileNotFoundError:
-        raise ConfigError(f'{path}: no such file') from None
+        raise error(f'{path}: no such file') from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f'{path}: not valid YAML ({exc})') from None
+        raise error(f'{path}: not valid YAML ({exc})') from None
     if not isinstance(raw, dict):
-        raise ConfigError(f'{path}: expected sections model/train/data')
+        raise error(f'{path}: expected sections model/train/data')
     unknown = set(raw) - {'model', 'train', 'data'}
     if unknown:
-        raise ConfigError(f'{path}: unknown section(s) {sorted(unknown)}')
-    return config_from_dict(raw, base_dir=os.path.dirname(path))
+        raise error(f'{path}: unknown section(s) {sorted(unknown)}')
+    return raw
+
+
+def load_config(path: str) -> Dict[str, Any]:
+    """The flat global config (sevenn style) of a training YAML."""
+    path = os.path.abspath(path)
+    return config_from_dict(read_sections(path), base_dir=os.path.dirname(path))
 
 
 def config_from_dict(raw: Dict[str, Any], base_dir: str = '.') -> Dict[str, Any]:

@@ -171,19 +171,10 @@ def method_input_from_dict(raw: Dict[str, Any], base_dir: str = '.',
 
 
 def read_method_input(path: str) -> MethodInput:
+    from ..config import read_sections
+
     path = os.path.abspath(path)
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise MethodError(f'{path}: no such file') from None
-    except yaml.YAMLError as exc:
-        raise MethodError(f'{path}: not valid YAML ({exc})') from None
-    if not isinstance(raw, dict):
-        raise MethodError(f'{path}: expected sections model/train/data')
-    unknown = set(raw) - {'model', 'train', 'data'}
-    if unknown:
-        raise MethodError(f'{path}: unknown section(s) {sorted(unknown)}')
+    raw = read_sections(path, MethodError)
     return method_input_from_dict(raw, os.path.dirname(path), path)
 
 
@@ -232,14 +223,6 @@ def _delta_lf_fidelity(mi: MethodInput) -> str:
 
 
 # ---- stages -----------------------------------------------------------------------
-def _file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _referenced_files(obj: Any, base_dir: str) -> List[str]:
     out = []
     if isinstance(obj, dict):
@@ -257,9 +240,11 @@ def _referenced_files(obj: Any, base_dir: str) -> List[str]:
 
 def fingerprint(raw: Dict[str, Any], base_dir: str) -> str:
     """Of a stage: its config and the contents of every file it names."""
+    from ..data.store import file_digest
+
     h = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode())
     for p in sorted(set(_referenced_files(raw, base_dir))):
-        h.update(_file_digest(p).encode())
+        h.update(file_digest(p).encode())
     return h.hexdigest()
 
 

@@ -156,7 +156,8 @@ class _SummaryColumns:
 
 
 # ---- key -------------------------------------------------------------------------
-def _file_digest(path: str) -> str:
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (keys stores and method runs to their inputs)."""
     h = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -172,7 +173,7 @@ def store_key(spec: DatabaseSpec, cutoff: float) -> str:
         if not os.path.isfile(path):
             raise DataError(f'{path}: no such file')
         # the path is part of the key because graphs record it in data_info
-        sources.append([path, _file_digest(path)])
+        sources.append([path, file_digest(path)])
     fields = {
         'format': STORE_FORMAT_VERSION,
         'sevenn': sevenn.__version__,
