@@ -4,7 +4,8 @@
 
 Reads OUT/s<seed>/<run>/{eval/summary.csv, eval/per_structure.csv, metrics.csv,
 log.sevenn_mf} and OUT/s<seed>/times.txt; writes OUT/results.md (and prints it):
-mean ± standard deviation over the seeds and each seed's value; and a figure:
+mean ± standard deviation over the seeds and each seed's value (wall time: the
+first seed's, which should run on an otherwise idle machine); and a figure:
 r2SCAN energy parity and per-structure force errors on the test split (first
 seed) and the r2SCAN validation force error per epoch (every seed), the
 quantity the best checkpoint was chosen by (with the energy).
@@ -73,7 +74,7 @@ def table(out):
         raise SystemExit(f'{out}: no finished seed folder (s1, s2, ...) with all three runs')
     names = [os.path.basename(s)[1:] for s in seeds]
     head = ('| run | energy MAE (meV/atom) | energy RMSE | force MAE (meV/Å) '
-            '| force RMSE | best epoch | train wall time (s) |')
+            f'| force RMSE | best epoch | train wall time (s), seed {names[0]} |')
     lines = [head, '|---|---|---|---|---|---|---|']
     zs = os.path.join(out, 'zero_shot_7net0', 'eval', 'summary.csv')
     if os.path.isfile(zs):
@@ -94,11 +95,10 @@ def table(out):
             times.append(_times(s).get(run))
             per_seed.append(f"| {label} | {n} | {m[METRICS[0]]:.1f} | {m[METRICS[2]]:.0f} "
                             f'| {epochs[-1]} | {times[-1]} |')
-        t = [x for x in times if x is not None]
         lines.append(f'| {label} | {_fmt(vals[METRICS[0]], 1)} | {_fmt(vals[METRICS[1]], 1)}'
                      f' | {_fmt(vals[METRICS[2]], 0)} | {_fmt(vals[METRICS[3]], 0)}'
                      f" | {', '.join(str(e) for e in epochs)}"
-                     f" | {_fmt(t, 0) if t else '?'} |")
+                     f" | {times[0] if times[0] is not None else '?'} |")
     return (f'r2SCAN errors on hf_test_dev_r2scan.extxyz (x = 0.5, 20 cells; no r2SCAN '
             f'training cell has x = 0.5); mean ± sd over seeds {", ".join(names)}\n\n'
             + '\n'.join(lines) + '\n\nPer seed:\n\n' + '\n'.join(per_seed) + '\n')

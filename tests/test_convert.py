@@ -106,6 +106,28 @@ def test_mf0_add_rename_drop_identity(ops, mode, expect, frames3, ref_mf0):
             _assert_same(_results(calc, atoms), ref)
 
 
+
+@pytest.mark.parametrize('mode', MODES)
+def test_sevenn_mf_checkpoint_rename_add_drop(mode, tmp_path, ingan_frames):
+    """A trained-looking sevenn_mf checkpoint (fidelity weights away from their
+    init, distinct references) keeps every kept fidelity exactly, in its mode."""
+    cfg = small_config(mode, fidelities=['pbe', 'r2scan', 'hse'], all_positions=True)
+    src = perturbed_model(cfg, seed=4)
+    path = tmp_path / 'mf.pth'
+    save_checkpoint(path, src, cfg)
+    model, new_cfg = convert(str(path), rename={'r2scan': 'R2'}, add={'new': 'hse'},
+                             drop=['pbe'])
+    assert list(new_cfg[KEY.MODAL_MAP]) == ['R2', 'hse', 'new']
+    assert {m.mode for m in fidelity_layers(model).values()} == {mode}
+    atoms = ingan_frames[0]
+    ref = {f: calc_results(src, atoms, f) for f in ('r2scan', 'hse')}
+    assert abs(ref['r2scan'][0] - ref['hse'][0]) > 1e-2  # the fidelities differ
+    for new, old in (('R2', 'r2scan'), ('hse', 'hse'), ('new', 'hse')):
+        e, f, s = calc_results(model, atoms, new)
+        assert e == pytest.approx(ref[old][0], abs=1e-5 * len(atoms))
+        np.testing.assert_allclose(f, ref[old][1], atol=1e-5)
+        np.testing.assert_allclose(s, ref[old][2], atol=1e-6)
+
 # ---- plans and errors ------------------------------------------------------------------
 def test_plan_fidelities():
     assert plan_fidelities(['A', 'B'], add={'c': None}) == (['A', 'B', 'c'], [0, 1, 0])
