@@ -14,6 +14,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 OUT="$(realpath -m "${1:-runs/finetune_cmp}")"
 SHARED="${SEVENN_MF_SHARED:-$REPO/../shared}"
 TEST="$SHARED/data/ingan/hf_test_dev_r2scan.extxyz"
+TEST_PBE="$SHARED/data/ingan/hf_test_dev_pbe.extxyz"
 T="$REPO/input_templates/finetune_7net0.yaml"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 for seed in ${SEEDS:-1 2 3}; do
@@ -70,10 +71,16 @@ PY
             "$S/$run/checkpoint_best.pth" --fidelity r2scan "$TEST" -o "$S/$run/eval" \
             > "$S/$run/eval.txt"
     done
+    # did the replayed PBE fidelity of (b) stay where 7net-0 was? (same cells at PBE)
+    [ -f "$S/b_mf_from_7net0/eval_pbe/summary.csv" ] || sevenn_mf evaluate \
+        "$S/b_mf_from_7net0/checkpoint_best.pth" --fidelity pbe "$TEST_PBE" \
+        -o "$S/b_mf_from_7net0/eval_pbe" > /dev/null
 done
 # 7net-0 as it is: its forces are what every fine-tuned model starts from (its
 # energies have VASP's zero, not GPAW's, and are not compared)
 [ -f "$OUT/zero_shot_7net0/eval/summary.csv" ] || \
     sevenn_mf evaluate 7net-0 "$TEST" -o "$OUT/zero_shot_7net0/eval" > /dev/null
+[ -f "$OUT/zero_shot_7net0/eval_pbe/summary.csv" ] || \
+    sevenn_mf evaluate 7net-0 "$TEST_PBE" -o "$OUT/zero_shot_7net0/eval_pbe" > /dev/null
 python3 "$REPO/scripts/finetune_comparison_report.py" "$OUT" \
     --figure "${FIGURE:-$OUT/comparison.png}"

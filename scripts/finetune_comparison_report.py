@@ -99,9 +99,25 @@ def table(out):
                      f' | {_fmt(vals[METRICS[2]], 0)} | {_fmt(vals[METRICS[3]], 0)}'
                      f" | {', '.join(str(e) for e in epochs)}"
                      f" | {times[0] if times[0] is not None else '?'} |")
+    pbe = _pbe_kept(out, seeds)
     return (f'r2SCAN errors on hf_test_dev_r2scan.extxyz (x = 0.5, 20 cells; no r2SCAN '
             f'training cell has x = 0.5); mean ± sd over seeds {", ".join(names)}\n\n'
-            + '\n'.join(lines) + '\n\nPer seed:\n\n' + '\n'.join(per_seed) + '\n')
+            + '\n'.join(lines) + '\n' + pbe + '\nPer seed:\n\n' + '\n'.join(per_seed)
+            + '\n')
+
+
+def _pbe_kept(out, seeds):
+    """(b)'s replayed PBE fidelity vs 7net-0 on the test cells at PBE."""
+    zs = os.path.join(out, 'zero_shot_7net0', 'eval_pbe', 'summary.csv')
+    runs = [os.path.join(s, 'b_mf_from_7net0', 'eval_pbe', 'summary.csv') for s in seeds]
+    if not os.path.isfile(zs) or not all(os.path.isfile(r) for r in runs):
+        return ''
+    f0 = _summary(zs)['force MAE (meV/Å)']
+    fb = [_summary(r)['force MAE (meV/Å)'] for r in runs]
+    eb = [_summary(r)['energy MAE (meV/atom)'] for r in runs]
+    return ('\nThe PBE fidelity of (b) (replayed at 25 % of each epoch) on the same '
+            f'cells at PBE (hf_test_dev_pbe.extxyz): force MAE {_fmt(fb, 0)} meV/Å '
+            f'(7net-0 as it is: {f0:.0f}), energy MAE {_fmt(eb, 1)} meV/atom.\n')
 
 
 def _valid_curve(run_dir):

@@ -273,16 +273,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument('-o', '--output', required=True)
     x.set_defaults(func=_export)
 
-    c = sub.add_parser('convert', help='add / rename / drop fidelities, change mode')
-    c.add_argument('source')
-    c.add_argument('-o', '--output', required=True)
+    c = sub.add_parser(
+        'convert', help='add / rename / drop fidelities, change mode',
+        description='Convert a checkpoint into a sevenn_mf model: kept fidelities '
+        'compute exactly what they computed before, added ones start as copies.',
+        epilog='examples:\n'
+        '  sevenn_mf convert 7net-0 -o ft.pth --source-fidelity pbe --add r2scan=pbe\n'
+        '  sevenn_mf convert 7net-mf-0 -o mf.pth --add hse=PBE --rename R2SCAN=r2scan '
+        '--drop PBE --mode indexed',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument('source', help='checkpoint file (sevenn_mf, sevenn native '
+                   'multi-modal or plain sevenn) or pretrained name (7net-0, '
+                   '7net-mf-0, ...)')
+    c.add_argument('-o', '--output', required=True, help='checkpoint to write')
     c.add_argument('--source-fidelity', help='name for the fidelity of a '
-                   'single-fidelity source (e.g. pbe)')
+                   'single-fidelity source (e.g. pbe); for a multi-fidelity source, '
+                   'the FROM of an --add without one')
     c.add_argument('--add', action='append', default=[], metavar='NEW[=FROM]',
                    help='add fidelity NEW initialised from FROM (repeatable)')
-    c.add_argument('--rename', action='append', default=[], metavar='OLD=NEW')
-    c.add_argument('--drop', action='append', default=[], metavar='NAME')
-    c.add_argument('--mode', choices=['onehot', 'indexed'])
+    c.add_argument('--rename', action='append', default=[], metavar='OLD=NEW',
+                   help='rename a fidelity (repeatable)')
+    c.add_argument('--drop', action='append', default=[], metavar='NAME',
+                   help='drop a fidelity (repeatable)')
+    c.add_argument('--mode', choices=['onehot', 'indexed'],
+                   help="fidelity layer mode of the result (default: the source's; "
+                   'onehot for a single-fidelity source)')
     c.set_defaults(func=_convert)
 
     _add_analysis_parsers(sub)
