@@ -3,7 +3,7 @@
     python3 scripts/finetune_comparison_report.py runs/finetune_cmp [--figure PNG]
 
 Reads OUT/s<seed>/<run>/{eval/summary.csv, eval/per_structure.csv, metrics.csv,
-log.sevenn_mf} and OUT/s<seed>/times.txt; writes OUT/results.md (and prints it):
+checkpoint_best.pth} and OUT/s<seed>/times.txt; writes OUT/results.md (and prints it):
 mean ± standard deviation over the seeds and each seed's value (wall time: the
 first seed's, which should run on an otherwise idle machine); and a figure:
 r2SCAN energy parity and per-structure force errors on the test split (first
@@ -45,14 +45,9 @@ def _times(seed_dir):
 
 
 def _best_epoch(run_dir):
-    """checkpoint_best.pth's epoch, from the log's 'Best checkpoint' lines."""
-    best, epoch = None, None
-    for line in open(os.path.join(run_dir, 'log.sevenn_mf')):
-        if line.startswith('per-set errors, epoch'):
-            epoch = int(line.split()[-1])
-        elif line.startswith('Best checkpoint written') and epoch:
-            best = epoch
-    return best
+    from sevenn_mf import Checkpoint
+
+    return Checkpoint(os.path.join(run_dir, 'checkpoint_best.pth')).epoch
 
 
 def seed_dirs(out):
@@ -84,6 +79,7 @@ def table(out):
                      '| – | 0 |')
     per_seed = ['| run | seed | energy MAE | force MAE | best epoch | wall time (s) |',
                 '|---|---|---|---|---|---|']
+    seed_times = {s: _times(s) for s in seeds}
     for run, label in RUNS.items():
         vals = {k: [] for k in METRICS}
         epochs, times = [], []
@@ -92,7 +88,7 @@ def table(out):
             for k in METRICS:
                 vals[k].append(m[k])
             epochs.append(_best_epoch(os.path.join(s, run)))
-            times.append(_times(s).get(run))
+            times.append(seed_times[s].get(run))
             per_seed.append(f"| {label} | {n} | {m[METRICS[0]]:.1f} | {m[METRICS[2]]:.0f} "
                             f'| {epochs[-1]} | {times[-1]} |')
         lines.append(f'| {label} | {_fmt(vals[METRICS[0]], 1)} | {_fmt(vals[METRICS[1]], 1)}'
@@ -121,7 +117,9 @@ def _pbe_kept(out, seeds):
 
 
 def _valid_curve(run_dir):
-    rows = [r for r in _rows(os.path.join(run_dir, 'metrics.csv'))
+    from sevenn_mf.metrics import FidelityMetrics
+
+    rows = [r for r in FidelityMetrics.read_csv(os.path.join(run_dir, 'metrics.csv'))
             if r['set'] == 'r2scan_validset']
     return [int(r['epoch']) for r in rows], [float(r['force_mae']) for r in rows]
 

@@ -73,11 +73,9 @@ def _native_modal_databases(data: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def read_sections(path: str, error: type = None) -> Dict[str, Any]:
+def read_sections(path: str, error: type = ConfigError) -> Dict[str, Any]:
     """The raw model/train/data sections of a YAML file; a missing file, bad
-    YAML or unknown section raises ``error`` (default :class:`ConfigError`)
-    naming the file."""
-    error = error or ConfigError
+    YAML or unknown section raises ``error`` naming the file."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)

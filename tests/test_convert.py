@@ -128,6 +128,7 @@ def test_sevenn_mf_checkpoint_rename_add_drop(mode, tmp_path, ingan_frames):
         np.testing.assert_allclose(f, ref[old][1], atol=1e-5)
         np.testing.assert_allclose(s, ref[old][2], atol=1e-6)
 
+
 # ---- plans and errors ------------------------------------------------------------------
 def test_plan_fidelities():
     assert plan_fidelities(['A', 'B'], add={'c': None}) == (['A', 'B', 'c'], [0, 1, 0])
@@ -159,7 +160,6 @@ def test_download_only_checkpoints_fail_clearly_and_write_nothing():
     assert not os.path.exists(os.path.dirname(cache))
 
 
-
 def test_download_only_checkpoint_is_found_where_the_error_says(tmp_path, monkeypatch,
                                                                  small_plain):
     """The offline error names a path; a file put there makes the name work,
@@ -180,6 +180,7 @@ def test_download_only_checkpoint_is_found_where_the_error_says(tmp_path, monkey
     cp = Checkpoint('7net-mf-ompa')
     assert cp.path == where and cp.kind == 'plain'
     assert not os.path.exists(os.path.dirname(C.SEVENNET_MF_ompa))
+
 
 # ---- small single-fidelity "pretrained" models -----------------------------------------
 def _small_plain(path, bias=False, seed=0):
@@ -477,9 +478,9 @@ def test_fit_to_pretrained_needs_pretrained(tmp_path):
 def test_templates_run(name, new, shared_data, tmp_path):
     """The templates as they are (real 7net-0 / 7net-mf-0, real InGaN data),
     shortened to one epoch of 8 structures."""
-    import csv
-
     import yaml
+
+    from sevenn_mf.metrics import FidelityMetrics
 
     path = REPO / 'input_templates' / name
     raw = yaml.safe_load(open(path))
@@ -490,7 +491,7 @@ def test_templates_run(name, new, shared_data, tmp_path):
                  screen=False)
     cp = Checkpoint(best)
     assert set(cp.fidelities) >= {new, 'pbe' if new == 'r2scan' else 'PBE'}
-    rows = [r for r in csv.DictReader(open(tmp_path / 'metrics.csv'))
+    rows = [r for r in FidelityMetrics.read_csv(tmp_path / 'metrics.csv')
             if r['set'] == f'{new}_validset']
     assert rows, 'no per-fidelity validation row'
     e, f = float(rows[-1]['energy_mae']), float(rows[-1]['force_mae'])
