@@ -6,8 +6,11 @@ import copy
 import sevenn._keys as KEY
 
 FIDELITIES = ['pbe', 'r2scan']
-POSITIONS = (KEY.USE_MODAL_SELF_INTER_INTRO, KEY.USE_MODAL_SELF_INTER_OUTRO,
-             KEY.USE_MODAL_OUTPUT_BLOCK)
+POSITIONS = (
+    KEY.USE_MODAL_SELF_INTER_INTRO,
+    KEY.USE_MODAL_SELF_INTER_OUTRO,
+    KEY.USE_MODAL_OUTPUT_BLOCK,
+)
 
 
 def sevennet0_config():

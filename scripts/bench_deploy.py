@@ -32,13 +32,13 @@ def main():
     p.add_argument('--lmp')
     args = p.parse_args()
 
-    from ase.io import read, write
-
-    import sevenn_mf  # noqa: F401  (hooks)
     from _bench_models import multi_fidelity_config, sevennet0_config
+    from ase.io import read, write
     from lammps_utils import find_lmp
     from sevenn.model_build import build_E3_equivariant_model
     from sevenn.scripts.deploy import deploy as sevenn_deploy
+
+    import sevenn_mf  # noqa: F401  (hooks)
     from sevenn_mf.checkpoint import save_checkpoint
     from sevenn_mf.deploy import deploy
     from sevenn_mf.model import build_model
@@ -58,13 +58,19 @@ def main():
         cfg = multi_fidelity_config(base, mode, fids)
         path = os.path.join(tmp, f'{mode}.pth')
         save_checkpoint(path, build_model(cfg), cfg)
-        (pt,) = deploy(path, fidelity='r2scan', output=os.path.join(tmp, f'{mode}.pt'))
+        (pt,) = deploy(
+            path, fidelity='r2scan', output=os.path.join(tmp, f'{mode}.pt')
+        )
         models[f'sevenn_mf {mode}'] = pt
 
-    atoms = read(os.path.join(HERE, '..', 'input_templates', 'quickstart_data',
-                              'pbe.extxyz'), index=0).repeat((2, 2, 2))
+    atoms = read(
+        os.path.join(HERE, '..', 'input_templates', 'quickstart_data', 'pbe.extxyz'),
+        index=0,
+    ).repeat((2, 2, 2))
     data = os.path.join(tmp, 'data.lmp')
-    write(data, atoms, format='lammps-data', specorder=['Ga', 'In', 'N'], masses=True)
+    write(
+        data, atoms, format='lammps-data', specorder=['Ga', 'In', 'N'], masses=True
+    )
 
     def run(pt):
         text = f"""units metal
@@ -81,27 +87,39 @@ run {args.steps}
 """
         with open(os.path.join(tmp, 'in.lmp'), 'w') as f:
             f.write(text)
-        env = dict(os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1'))
+        env = dict(
+            os.environ, OMP_NUM_THREADS=os.environ.get('OMP_NUM_THREADS', '1')
+        )
         t0 = time.perf_counter()
-        out = subprocess.run([lmp, '-in', 'in.lmp', '-log', 'log.lammps'], cwd=tmp, env=env,
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            [lmp, '-in', 'in.lmp', '-log', 'log.lammps'],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         wall = time.perf_counter() - t0
         loop = float(re.search(r'Loop time of ([\d.eE+-]+)', out).group(1))
         return loop, wall
 
     loops = {k: [] for k in models}
-    for name, pt in models.items():  # warm-up (file cache, JIT profiling)
+    for pt in models.values():  # warm-up (file cache, JIT profiling)
         run(pt)
     for r in range(args.rounds):
         order = list(models) if r % 2 == 0 else list(models)[::-1]
         for name in order:
             loops[name].append(run(models[name])[0])
     ref = statistics.median(loops['plain sevenn'])
-    print(f'LAMMPS e3gnn, {len(atoms)} atoms, {args.steps} MD steps, '
-          f'median of {args.rounds} (loop time)')
+    print(
+        f'LAMMPS e3gnn, {len(atoms)} atoms, {args.steps} MD steps, '
+        f'median of {args.rounds} (loop time)'
+    )
     for name, ts in loops.items():
         med = statistics.median(ts)
-        print(f'  {name:<20} {med / args.steps * 1000:8.1f} ms/step   ratio {med / ref:.3f}')
+        print(
+            f'  {name:<20} {med / args.steps * 1000:8.1f} ms/step   ratio {med / ref:.3f}'
+        )
 
 
 if __name__ == '__main__':

@@ -26,12 +26,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _graphs(cutoff, fidelities):
     from ase.io import read
-
     from sevenn.atom_graph_data import AtomGraphData
     from sevenn.train.dataload import atoms_to_graph
 
-    frames = read(os.path.join(HERE, '..', 'input_templates', 'quickstart_data',
-                               'pbe.extxyz'), ':')
+    frames = read(
+        os.path.join(HERE, '..', 'input_templates', 'quickstart_data', 'pbe.extxyz'),
+        ':',
+    )
     big = frames[0].repeat((2, 2, 2))
 
     def graph(a, fid):
@@ -44,15 +45,19 @@ def _graphs(cutoff, fidelities):
         return g
 
     single = [graph(big, fidelities[0] if fidelities else None)]
-    mixed = [graph(frames[i], fidelities[i % 2] if fidelities else None)
-             for i in range(8)]
+    mixed = [
+        graph(frames[i], fidelities[i % 2] if fidelities else None) for i in range(8)
+    ]
     return single, mixed
 
 
 def _step_time(model, batch):
     t0 = time.perf_counter()
     out = model(batch.clone())
-    loss = out['inferred_total_energy'].square().sum() + out['inferred_force'].square().sum()
+    loss = (
+        out['inferred_total_energy'].square().sum()
+        + out['inferred_force'].square().sum()
+    )
     loss.backward()
     return time.perf_counter() - t0
 
@@ -61,12 +66,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--reps', type=int, default=15)
     args = p.parse_args()
-    from torch_geometric.loader import DataLoader
-
     import sevenn._keys as KEY
-    import sevenn_mf  # noqa: F401  (hooks)
     from _bench_models import multi_fidelity_config, sevennet0_config
     from sevenn.model_build import build_E3_equivariant_model
+    from torch_geometric.loader import DataLoader
+
+    import sevenn_mf  # noqa: F401  (hooks)
     from sevenn_mf.model import build_model
 
     base = sevennet0_config()  # SevenNet-0 architecture (random weights)
@@ -85,7 +90,9 @@ def main():
     for label in ('64-atom cell', 'mixed batch 8x8 atoms'):
         batches = {}
         for name in models:
-            single, mixed = _graphs(base[KEY.CUTOFF], None if name == 'plain' else fids)
+            single, mixed = _graphs(
+                base[KEY.CUTOFF], None if name == 'plain' else fids
+            )
             gs = single if label.startswith('64') else mixed
             batches[name] = next(iter(DataLoader(gs, batch_size=len(gs))))
         times = {k: [] for k in models}
@@ -97,10 +104,14 @@ def main():
                 times[name].append(_step_time(models[name], batches[name]))
         med = {k: statistics.median(v) for k, v in times.items()}
         results[label] = med
-        print(f'\n{label}: forward+backward (forces) per step, median of {args.reps}')
+        print(
+            f'\n{label}: forward+backward (forces) per step, median of {args.reps}'
+        )
         for k in models:
-            print(f'  {k:<8} {med[k] * 1000:8.1f} ms   ratio to plain '
-                  f'{med[k] / med["plain"]:.3f}   ({n_params[k]:,} parameters)')
+            print(
+                f'  {k:<8} {med[k] * 1000:8.1f} ms   ratio to plain '
+                f'{med[k] / med["plain"]:.3f}   ({n_params[k]:,} parameters)'
+            )
     print(f'\ntorch threads: {torch.get_num_threads()}')
     return results
 

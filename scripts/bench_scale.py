@@ -38,13 +38,14 @@ from multiprocessing import Pool
 
 import numpy as np
 
-CACHE = os.environ.get('SEVENN_MF_BENCH_CACHE',
-                       os.path.expanduser('~/.cache/sevenn_mf/bench'))
+CACHE = os.environ.get(
+    'SEVENN_MF_BENCH_CACHE', os.path.expanduser('~/.cache/sevenn_mf/bench')
+)
 LATTICE = {'Cu': 3.61, 'Ni': 3.52, 'Al': 4.05}
 SEEDS = {'low': 101, 'high': 202}
 
 
-# ---- data ----------------------------------------------------------------------------
+# ---- data -------------------------------------------------------------------------
 def _structure(args):
     i, fidelity = args
     from ase.build import bulk
@@ -79,8 +80,11 @@ def dataset_file(n: int, fidelity: str, workers: int = 2) -> str:
     path = os.path.join(CACHE, f'emt_{fidelity}_{n}.extxyz')
     if os.path.isfile(path):
         return path
-    larger = sorted((int(f.split('_')[-1].split('.')[0]), f) for f in os.listdir(CACHE)
-                    if f.startswith(f'emt_{fidelity}_') and f.endswith('.extxyz'))
+    larger = sorted(
+        (int(f.split('_')[-1].split('.')[0]), f)
+        for f in os.listdir(CACHE)
+        if f.startswith(f'emt_{fidelity}_') and f.endswith('.extxyz')
+    )
     larger = [f for m, f in larger if m > n]
     tmp = path + '.part'
     if os.path.exists(tmp):
@@ -97,17 +101,28 @@ def dataset_file(n: int, fidelity: str, workers: int = 2) -> str:
         if chunk:
             write(tmp, chunk, format='extxyz', append=True)
     else:
-        print(f'[data] generating {n} {fidelity} EMT structures into {path} '
-              f'({workers} processes)', file=sys.stderr, flush=True)
+        print(
+            f'[data] generating {n} {fidelity} EMT structures into {path} '
+            f'({workers} processes)',
+            file=sys.stderr,
+            flush=True,
+        )
         with Pool(workers) as pool:
             done = 0
             for start in range(0, n, 2000):
                 idx = [(i, fidelity) for i in range(start, min(n, start + 2000))]
-                write(tmp, pool.map(_structure, idx, chunksize=50), format='extxyz',
-                      append=True)
+                write(
+                    tmp,
+                    pool.map(_structure, idx, chunksize=50),
+                    format='extxyz',
+                    append=True,
+                )
                 done += len(idx)
-                print(f'[data]   {done}/{n} ({time.time() - t0:.0f} s)',
-                      file=sys.stderr, flush=True)
+                print(
+                    f'[data]   {done}/{n} ({time.time() - t0:.0f} s)',
+                    file=sys.stderr,
+                    flush=True,
+                )
     os.replace(tmp, path)
     return path
 
@@ -117,27 +132,51 @@ def split_sizes(n: int, hf: float):
     return n - n_high, n_high
 
 
-# ---- common ---------------------------------------------------------------------------
+# ---- common -----------------------------------------------------------------------
 def model_section(args):
-    return {'chemical_species': 'auto', 'cutoff': args.cutoff, 'channel': args.channel,
-            'lmax': args.lmax, 'num_convolution_layer': args.layers, 'is_parity': False,
-            'weight_nn_hidden_neurons': [32, 32]}
+    return {
+        'chemical_species': 'auto',
+        'cutoff': args.cutoff,
+        'channel': args.channel,
+        'lmax': args.lmax,
+        'num_convolution_layer': args.layers,
+        'is_parity': False,
+        'weight_nn_hidden_neurons': [32, 32],
+    }
 
 
 def mf_raw(args, low, high, mode='onehot', epochs=1, **data_extra):
     return {
         'model': dict(model_section(args), fidelity_layer_mode=mode),
-        'train': {'random_seed': 1, 'epoch': epochs, 'per_epoch': 1000,
-                  'optimizer': 'adam', 'optim_param': {'lr': 0.005},
-                  'scheduler': 'exponentiallr', 'scheduler_param': {'gamma': 0.99},
-                  'loss': 'huber', 'loss_param': {'delta': 0.01},
-                  'force_loss_weight': 1.0, 'stress_loss_weight': 0.01,
-                  'device': 'cpu'},
-        'data': dict({'batch_size': args.batch, 'databases': [
-            {'name': 'emt_low', 'fidelity': 'low', 'files': [low]},
-            {'name': 'emt_high', 'fidelity': 'high', 'files': [high],
-             'weight': {'energy': 2.0, 'force': 2.0, 'stress': 2.0}},
-        ]}, **data_extra),
+        'train': {
+            'random_seed': 1,
+            'epoch': epochs,
+            'per_epoch': 1000,
+            'optimizer': 'adam',
+            'optim_param': {'lr': 0.005},
+            'scheduler': 'exponentiallr',
+            'scheduler_param': {'gamma': 0.99},
+            'loss': 'huber',
+            'loss_param': {'delta': 0.01},
+            'force_loss_weight': 1.0,
+            'stress_loss_weight': 0.01,
+            'device': 'cpu',
+        },
+        'data': dict(
+            {
+                'batch_size': args.batch,
+                'databases': [
+                    {'name': 'emt_low', 'fidelity': 'low', 'files': [low]},
+                    {
+                        'name': 'emt_high',
+                        'fidelity': 'high',
+                        'files': [high],
+                        'weight': {'energy': 2.0, 'force': 2.0, 'stress': 2.0},
+                    },
+                ],
+            },
+            **data_extra,
+        ),
     }
 
 
@@ -149,11 +188,13 @@ def md_table(head, rows):
 
 def machine_line():
     load = os.getloadavg()
-    return (f'{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")}, '
-            f'load average at the end {load[0]:.2f} (other jobs share the machine)')
+    return (
+        f'{os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get("OMP_NUM_THREADS")}, '
+        f'load average at the end {load[0]:.2f} (other jobs share the machine)'
+    )
 
 
-# ---- (a) training throughput -----------------------------------------------------------
+# ---- (a) training throughput ------------------------------------------------------
 def bench_throughput(args):
     import torch
 
@@ -217,20 +258,38 @@ def bench_throughput(args):
     for name, ts in times.items():
         med = statistics.median(ts)
         params = sum(p.numel() for p in runs[name][3].parameters())
-        rows.append([name, f'{params:,}', f'{n_train / med:.1f}',
-                     f'{n_train / max(ts):.1f}-{n_train / min(ts):.1f}',
-                     f'{base / med:.3f}'])
-    print(f'\n### Training throughput ({n_train} structures: {n_low} low + {n_high} high; '
-          f'batch {args.batch}; cutoff {args.cutoff}, channel '
-          f'{args.channel}, lmax {args.lmax}, {args.layers} layers; median of '
-          f'{args.reps} epochs after 1 warm-up, interleaved)\n')
-    print(md_table(['training', 'parameters', 'structures/s (median)', 'range',
-                    'ratio vs native'], rows))
+        rows.append(
+            [
+                name,
+                f'{params:,}',
+                f'{n_train / med:.1f}',
+                f'{n_train / max(ts):.1f}-{n_train / min(ts):.1f}',
+                f'{base / med:.3f}',
+            ]
+        )
+    print(
+        f'\n### Training throughput ({n_train} structures: {n_low} low + {n_high} high; '
+        f'batch {args.batch}; cutoff {args.cutoff}, channel '
+        f'{args.channel}, lmax {args.lmax}, {args.layers} layers; median of '
+        f'{args.reps} epochs after 1 warm-up, interleaved)\n'
+    )
+    print(
+        md_table(
+            [
+                'training',
+                'parameters',
+                'structures/s (median)',
+                'range',
+                'ratio vs native',
+            ],
+            rows,
+        )
+    )
     print(f'\n{machine_line()}')
     shutil.rmtree(work, ignore_errors=True)
 
 
-# ---- (b) graph preprocessing ------------------------------------------------------------
+# ---- (b) graph preprocessing ------------------------------------------------------
 def bench_preprocess(args):
     import logging
 
@@ -247,18 +306,30 @@ def bench_preprocess(args):
     work = tempfile.mkdtemp(prefix='bench_pp_')
 
     def sevenn_build(k, cores=1):
-        build_sevennet_graph_dataset([path], args.cutoff, cores,
-                                     os.path.join(work, f's{cores}_{k}'), 'graph.pt')
+        build_sevennet_graph_dataset(
+            [path],
+            args.cutoff,
+            cores,
+            os.path.join(work, f's{cores}_{k}'),
+            'graph.pt',
+        )
 
     def mf_memory(k):
         frames = read_frames(path)
         validate_frames(frames)
-        build_graphs(frames, args.cutoff, 'low', cache_dir=os.path.join(work, f'm{k}'))
+        build_graphs(
+            frames, args.cutoff, 'low', cache_dir=os.path.join(work, f'm{k}')
+        )
 
     def mf_store(k, workers=1):
         spec = DatabaseSpec('bench', 'low', [path])
-        build_store(spec, args.cutoff, os.path.join(work, f'l{workers}_{k}.lmdb'),
-                    num_workers=workers, log=lambda *_: None)
+        build_store(
+            spec,
+            args.cutoff,
+            os.path.join(work, f'l{workers}_{k}.lmdb'),
+            num_workers=workers,
+            log=lambda *_: None,
+        )
 
     variants = {
         'sevenn_graph_build (build_sevennet_graph_dataset, 1 core)': sevenn_build,
@@ -266,10 +337,12 @@ def bench_preprocess(args):
         'sevenn_mf LMDB store, 1 process': mf_store,
     }
     if args.workers > 1:
-        variants[f'sevenn_graph_build, {args.workers} cores'] = \
-            lambda k: sevenn_build(k, args.workers)
-        variants[f'sevenn_mf LMDB store, {args.workers} processes'] = \
-            lambda k: mf_store(k, args.workers)
+        variants[f'sevenn_graph_build, {args.workers} cores'] = lambda k: (
+            sevenn_build(k, args.workers)
+        )
+        variants[f'sevenn_mf LMDB store, {args.workers} processes'] = lambda k: (
+            mf_store(k, args.workers)
+        )
     times = {k: [] for k in variants}
     for rep in range(args.reps):
         for name, fn in variants.items():
@@ -277,19 +350,31 @@ def bench_preprocess(args):
             fn(rep)
             times[name].append(time.perf_counter() - t0)
     base = statistics.median(times[next(iter(variants))])
-    rows = [[name, f'{args.n / statistics.median(ts):.0f}',
-             f'{base / statistics.median(ts):.2f}'] for name, ts in times.items()]
-    print(f'\n### Graph preprocessing ({args.n} EMT structures of 4-8 atoms, extxyz, '
-          f'cutoff {args.cutoff}; median of {args.reps}, interleaved)\n')
-    print(md_table(['pipeline', 'structures/s', 'ratio vs sevenn_graph_build'], rows))
-    print('\nsevenn_graph_build also computes its dataset statistics; sevenn_mf '
-          'validates every frame (labels, element set, 0.5 Å closest distance) and '
-          'hashes the source file for its cache key.')
+    rows = [
+        [
+            name,
+            f'{args.n / statistics.median(ts):.0f}',
+            f'{base / statistics.median(ts):.2f}',
+        ]
+        for name, ts in times.items()
+    ]
+    print(
+        f'\n### Graph preprocessing ({args.n} EMT structures of 4-8 atoms, extxyz, '
+        f'cutoff {args.cutoff}; median of {args.reps}, interleaved)\n'
+    )
+    print(
+        md_table(['pipeline', 'structures/s', 'ratio vs sevenn_graph_build'], rows)
+    )
+    print(
+        '\nsevenn_graph_build also computes its dataset statistics; sevenn_mf '
+        'validates every frame (labels, element set, 0.5 Å closest distance) and '
+        'hashes the source file for its cache key.'
+    )
     print(f'\n{machine_line()}')
     shutil.rmtree(work, ignore_errors=True)
 
 
-# ---- (c) peak memory ---------------------------------------------------------------
+# ---- (c) peak memory --------------------------------------------------------------
 class _Peak:
     """Peak VmRSS and RssAnon of this process, sampled every 0.2 s."""
 
@@ -316,8 +401,12 @@ class _Peak:
         self._stop.set()
         self._t.join()
         self._sample()
-        return {'peak_rss': max(self.rss, resource.getrusage(
-            resource.RUSAGE_SELF).ru_maxrss * 1024), 'peak_anon': self.anon}
+        return {
+            'peak_rss': max(
+                self.rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            ),
+            'peak_anon': self.anon,
+        }
 
 
 def _memory_child(args):
@@ -330,9 +419,15 @@ def _memory_child(args):
 
     n_low, n_high = split_sizes(args.n, args.hf)
     low, high = dataset_file(n_low, 'low'), dataset_file(n_high, 'high')
-    raw = mf_raw(args, low, high, epochs=1, storage=args.storage,
-                 graph_store_dir=os.path.join(CACHE, 'stores'),
-                 preprocess_workers=args.workers)
+    raw = mf_raw(
+        args,
+        low,
+        high,
+        epochs=1,
+        storage=args.storage,
+        graph_store_dir=os.path.join(CACHE, 'stores'),
+        preprocess_workers=args.workers,
+    )
     peak = _Peak()
     t0 = time.time()
     config = config_from_dict(raw, base_dir=CACHE)
@@ -355,54 +450,105 @@ def bench_memory(args):
         dataset_file(n_high, 'high', args.workers)
         for phase in ('build', 'train'):
             wd = tempfile.mkdtemp(prefix=f'bench_mem_{n}_')
-            cmd = [sys.executable, __file__, '_memory_child', '--n', str(n),
-                   '--phase', phase, '--workdir', wd, '--storage', args.storage,
-                   '--workers', str(args.workers), '--hf', str(args.hf),
-                   '--batch', str(args.batch), '--cutoff', str(args.cutoff),
-                   '--channel', str(args.channel), '--lmax', str(args.lmax),
-                   '--layers', str(args.layers)]
-            p = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
+            cmd = [
+                sys.executable,
+                __file__,
+                '_memory_child',
+                '--n',
+                str(n),
+                '--phase',
+                phase,
+                '--workdir',
+                wd,
+                '--storage',
+                args.storage,
+                '--workers',
+                str(args.workers),
+                '--hf',
+                str(args.hf),
+                '--batch',
+                str(args.batch),
+                '--cutoff',
+                str(args.cutoff),
+                '--channel',
+                str(args.channel),
+                '--lmax',
+                str(args.lmax),
+                '--layers',
+                str(args.layers),
+            ]
+            p = subprocess.run(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            )
             line = [x for x in p.stdout.splitlines() if x.startswith('RESULT ')]
             if p.returncode or not line:
                 print(p.stdout[-3000:], file=sys.stderr)
                 raise SystemExit(f'memory benchmark child failed (n={n}, {phase})')
-            r = json.loads(line[-1][len('RESULT '):])
+            r = json.loads(line[-1][len('RESULT ') :])
             print(f'[memory] n={n} {phase}: {r}', file=sys.stderr, flush=True)
             results.append(r)
             shutil.rmtree(wd, ignore_errors=True)
-    gb = 1024 ** 3
-    rows = [[r['n'], r['phase'], f"{r['peak_rss'] / gb:.3f}", f"{r['peak_anon'] / gb:.3f}",
-             f"{r['seconds']:.0f}"] for r in results]
-    print(f'\n### Peak resident memory, data.storage: {args.storage} (one epoch; '
-          f'{100 * args.hf:.0f}% high-fidelity; batch {args.batch}; cutoff {args.cutoff}, '
-          f'channel {args.channel}, lmax {args.lmax}, {args.layers} layers)\n')
-    print(md_table(['structures', 'phase', 'peak RSS (GiB)', 'peak anonymous RSS (GiB)',
-                    'wall s'], rows))
+    gb = 1024**3
+    rows = [
+        [
+            r['n'],
+            r['phase'],
+            f'{r["peak_rss"] / gb:.3f}',
+            f'{r["peak_anon"] / gb:.3f}',
+            f'{r["seconds"]:.0f}',
+        ]
+        for r in results
+    ]
+    print(
+        f'\n### Peak resident memory, data.storage: {args.storage} (one epoch; '
+        f'{100 * args.hf:.0f}% high-fidelity; batch {args.batch}; cutoff {args.cutoff}, '
+        f'channel {args.channel}, lmax {args.lmax}, {args.layers} layers)\n'
+    )
+    print(
+        md_table(
+            [
+                'structures',
+                'phase',
+                'peak RSS (GiB)',
+                'peak anonymous RSS (GiB)',
+                'wall s',
+            ],
+            rows,
+        )
+    )
     train_rows = [r for r in results if r['phase'] == 'train']
     if len(train_rows) >= 2:
         a, b = train_rows[0], train_rows[-1]
-        print(f"\ntraining peak RSS ratio {b['n']} / {a['n']} structures: "
-              f"{b['peak_rss'] / a['peak_rss']:.3f} "
-              f"(anonymous: {b['peak_anon'] / a['peak_anon']:.3f})")
+        print(
+            f'\ntraining peak RSS ratio {b["n"]} / {a["n"]} structures: '
+            f'{b["peak_rss"] / a["peak_rss"]:.3f} '
+            f'(anonymous: {b["peak_anon"] / a["peak_anon"]:.3f})'
+        )
     if args.storage == 'lmdb':
-        print('\n"build" streams the extxyz files into the LMDB stores (skipped when '
-              'the stores exist: delete $SEVENN_MF_BENCH_CACHE/stores to re-measure '
-              'it); "train" is a fresh process running `sevenn_mf train` for one '
-              'epoch from them. RSS includes mapped store pages; anonymous RSS '
-              'excludes them.')
+        print(
+            '\n"build" streams the extxyz files into the LMDB stores (skipped when '
+            'the stores exist: delete $SEVENN_MF_BENCH_CACHE/stores to re-measure '
+            'it); "train" is a fresh process running `sevenn_mf train` for one '
+            'epoch from them. RSS includes mapped store pages; anonymous RSS '
+            'excludes them.'
+        )
     else:
-        print('\n"build" reads, validates and graphs everything in memory (and writes '
-              'the graph cache); "train" is a fresh process running `sevenn_mf train` '
-              'for one epoch (the same preparation, then the epoch).')
+        print(
+            '\n"build" reads, validates and graphs everything in memory (and writes '
+            'the graph cache); "train" is a fresh process running `sevenn_mf train` '
+            'for one epoch (the same preparation, then the epoch).'
+        )
     print(f'\n{machine_line()}')
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('what', choices=['throughput', 'preprocess', 'memory', 'data',
-                                    '_memory_child'])
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        'what',
+        choices=['throughput', 'preprocess', 'memory', 'data', '_memory_child'],
+    )
     p.add_argument('--n', type=int, default=256, help='structures')
     p.add_argument('--sizes', type=int, nargs='+', default=[10000, 100000])
     p.add_argument('--hf', type=float, default=0.05, help='high-fidelity fraction')
@@ -426,8 +572,10 @@ def main(argv=None):
     elif args.what == 'data':
         for n in args.sizes:
             lo, hi = split_sizes(n, args.hf)
-            print(dataset_file(lo, 'low', args.workers), dataset_file(hi, 'high',
-                                                                      args.workers))
+            print(
+                dataset_file(lo, 'low', args.workers),
+                dataset_file(hi, 'high', args.workers),
+            )
     else:
         _memory_child(args)
 

@@ -17,8 +17,11 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument('--shared', default=os.path.join(here, '..', '..', 'shared'))
-    p.add_argument('-o', '--out', default=os.path.join(here, '..', 'input_templates',
-                                                        'quickstart_data'))
+    p.add_argument(
+        '-o',
+        '--out',
+        default=os.path.join(here, '..', 'input_templates', 'quickstart_data'),
+    )
     p.add_argument('--n-pbe', type=int, default=48)
     p.add_argument('--n-r2scan', type=int, default=16)
     p.add_argument('--n-test', type=int, default=8)
@@ -32,8 +35,12 @@ def main() -> None:
         ('hf_test_dev_r2scan.extxyz', args.n_test, 'r2scan_test_x0.5.extxyz'),
     ):
         frames = read(os.path.join(src, fname), index=':')
-        pick = sorted(rng.choice(len(frames), size=min(n, len(frames)), replace=False))
-        write(os.path.join(args.out, out), [frames[i] for i in pick], format='extxyz')
+        pick = sorted(
+            rng.choice(len(frames), size=min(n, len(frames)), replace=False)
+        )
+        write(
+            os.path.join(args.out, out), [frames[i] for i in pick], format='extxyz'
+        )
         print(f'{out}: {len(pick)} structures from {fname}')
 
 

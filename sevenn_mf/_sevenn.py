@@ -62,7 +62,9 @@ DATABASES = 'databases'
 REFERENCE_ENERGIES = 'reference_energies'
 SAMPLING = 'sampling'
 STORAGE = 'storage'  # 'memory' | 'lmdb' (sevenn_mf.data.store)
-GRAPH_STORE_DIR = 'graph_store_dir'  # where lmdb stores live (default <wd>/graph_store)
+GRAPH_STORE_DIR = (
+    'graph_store_dir'  # where lmdb stores live (default <wd>/graph_store)
+)
 PREPROCESS_WORKERS = 'preprocess_workers'  # processes building graphs
 STORAGES = ('memory', 'lmdb')
 
@@ -100,9 +102,16 @@ def _register_config_keys() -> None:
         PREPROCESS_WORKERS: (1, int),
     }
     for keys, defaults, cond in (
-        (model_keys, _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG,
-         _const.MODEL_CONFIG_CONDITION),
-        (train_keys, _const.DEFAULT_TRAINING_CONFIG, _const.TRAINING_CONFIG_CONDITION),
+        (
+            model_keys,
+            _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG,
+            _const.MODEL_CONFIG_CONDITION,
+        ),
+        (
+            train_keys,
+            _const.DEFAULT_TRAINING_CONFIG,
+            _const.TRAINING_CONFIG_CONDITION,
+        ),
         (data_keys, _const.DEFAULT_DATA_CONFIG, _const.DATA_CONFIG_CONDITION),
     ):
         for k, (default, condition) in keys.items():
@@ -146,8 +155,12 @@ def patch_fidelity_layers(layers, config: Dict[str, Any]):
 
 def install_hooks() -> None:
     check_sevenn_version()
-    for attr in ('patch_modality', 'patch_modules', 'build_E3_equivariant_model',
-                 'init_shift_scale'):
+    for attr in (
+        'patch_modality',
+        'patch_modules',
+        'build_E3_equivariant_model',
+        'init_shift_scale',
+    ):
         if not hasattr(_model_build, attr):
             raise SevennVersionError(
                 f'sevenn.model_build.{attr} is missing: this sevenn is not one '

@@ -20,15 +20,28 @@ class SevenNetMFCalculator(SevenNetCalculator):
     error that lists the valid names, never a silent default.
     """
 
-    def __init__(self, checkpoint: PathLike, fidelity: Optional[str] = None,
-                 device: str = 'cpu', **kwargs) -> None:
-        cp = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
+    def __init__(
+        self,
+        checkpoint: PathLike,
+        fidelity: Optional[str] = None,
+        device: str = 'cpu',
+        **kwargs,
+    ) -> None:
+        cp = (
+            checkpoint
+            if isinstance(checkpoint, Checkpoint)
+            else Checkpoint(checkpoint)
+        )
         self.checkpoint = cp
         self.fidelity = resolve_fidelity(cp.config, fidelity)
         model = cp.build_model()
         super().__init__(
-            model, file_type='model_instance', device=device, modal=self.fidelity,
-            sevennet_config=cp.config, **kwargs,
+            model,
+            file_type='model_instance',
+            device=device,
+            modal=self.fidelity,
+            sevennet_config=cp.config,
+            **kwargs,
         )
 
     @property

@@ -17,20 +17,18 @@ import tempfile
 from datetime import datetime
 from typing import Any, Dict, List, Optional, Union
 
-import torch
-
 import sevenn
 import sevenn._const as _const
 import sevenn._keys as KEY
 import sevenn.scripts.backward_compatibility as compat
 import sevenn.util as sevenn_util
+import torch
 from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
 from .model import build_model, fidelity_names
 
 PathLike = Union[str, pathlib.Path]
-
 
 
 class CheckpointError(ValueError):
@@ -111,7 +109,9 @@ class Checkpoint:
         S.install_hooks()
         self._cp = sevenn_util.load_checkpoint(self.path)
         config = self._cp.config
-        if config.get(KEY.USE_MODALITY, False) and not config.get(S.FIDELITY_LAYER_MODE):
+        if config.get(KEY.USE_MODALITY, False) and not config.get(
+            S.FIDELITY_LAYER_MODE
+        ):
             # sevenn-native multi-modal: its layers are our onehot layers
             self.kind = 'native_multimodal'
             names = fidelity_names(config)
@@ -185,8 +185,11 @@ class Checkpoint:
             ('kind', self.kind),
             ('fidelities', ', '.join(self.fidelities) or '(single fidelity)'),
             ('layer mode', self.layer_mode or '-'),
-            ('fidelity positions', ', '.join(
-                k for k in S.MODAL_POSITION_KEYS if self.config.get(k)) or '-'),
+            (
+                'fidelity positions',
+                ', '.join(k for k in S.MODAL_POSITION_KEYS if self.config.get(k))
+                or '-',
+            ),
             ('species', ', '.join(self.species)),
             ('cutoff', f'{self.cutoff:g} Å'),
             ('parameters', f'{n_param:,}'),
@@ -212,7 +215,9 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
     path = str(path)
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix='.' + os.path.basename(path), suffix='.tmp')
+    fd, tmp = tempfile.mkstemp(
+        dir=d, prefix='.' + os.path.basename(path), suffix='.tmp'
+    )
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(obj, f)
@@ -225,8 +230,9 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         raise
 
 
-def save_checkpoint(path: PathLike, model: torch.nn.Module, config: Dict[str, Any],
-                    **extra: Any) -> None:
+def save_checkpoint(
+    path: PathLike, model: torch.nn.Module, config: Dict[str, Any], **extra: Any
+) -> None:
     """Write a checkpoint sevenn's loaders understand (atomically)."""
     config = copy.deepcopy(config)
     config.setdefault('version', sevenn.__version__)

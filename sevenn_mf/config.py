@@ -16,10 +16,9 @@ import os
 import time
 from typing import Any, Dict, List, Tuple
 
-import yaml
-
 import sevenn
 import sevenn._keys as KEY
+import yaml
 from sevenn.parse_input import init_data_config, init_model_config, init_train_config
 
 from . import _sevenn as S
@@ -49,7 +48,7 @@ def _native_modal_databases(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         ):
             continue
         role = 'train' if key == 'load_trainset_path' else 'valid'
-        set_name = key[len('load_'):-len('_path')]
+        set_name = key[len('load_') : -len('_path')]
         data.pop(key)
         for i, e in enumerate(entries):
             if 'data_modality' not in e:
@@ -60,7 +59,7 @@ def _native_modal_databases(data: Dict[str, Any]) -> List[Dict[str, Any]]:
                 files.append(fe.pop('file'))
                 reader.update(fe)
             db = {
-                'name': f"{set_name}_{e['data_modality']}",
+                'name': f'{set_name}_{e["data_modality"]}',
                 'fidelity': e['data_modality'],
                 'files': files,
                 'role': role,
@@ -152,7 +151,9 @@ def split_sections(config: Dict[str, Any]) -> Tuple[Dict, Dict, Dict]:
     """For printing: which keys belong to which YAML section."""
     import sevenn._const as C
 
-    model = {k: v for k, v in config.items() if k in C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG}
+    model = {
+        k: v for k, v in config.items() if k in C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
+    }
     train = {k: v for k, v in config.items() if k in C.DEFAULT_TRAINING_CONFIG}
     data = {k: v for k, v in config.items() if k in C.DEFAULT_DATA_CONFIG}
     return model, train, data

@@ -26,17 +26,22 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 import sevenn
 import sevenn._keys as KEY
+import torch
 from sevenn.nn.scale import get_resolved_shift_scale
 from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
 from .checkpoint import Checkpoint, save_checkpoint
-from .model import (FidelityError, build_model, convert_layer_mode, fidelity_layers,
-                    fidelity_names, set_fidelities)
+from .model import (
+    FidelityError,
+    build_model,
+    convert_layer_mode,
+    fidelity_layers,
+    fidelity_names,
+    set_fidelities,
+)
 from .nn.fidelity_linear import FidelityLinear, _instruction_map
 
 # fidelity positions when a single-fidelity model is converted (sevenn's MF-0)
@@ -69,8 +74,10 @@ def plan_fidelities(
     add, rename, drop = dict(add or {}), dict(rename or {}), list(drop or [])
     for old in rename:
         if old not in existing:
-            raise ConvertError(f'cannot rename {old!r}: no such fidelity '
-                               f'(fidelities: {", ".join(existing)})')
+            raise ConvertError(
+                f'cannot rename {old!r}: no such fidelity '
+                f'(fidelities: {", ".join(existing)})'
+            )
     names = [rename.get(n, n) for n in existing]
     if len(set(names)) != len(names):
         raise ConvertError(f'renaming gives duplicate fidelity names: {names}')
@@ -81,8 +88,9 @@ def plan_fidelities(
             return names.index(name)
         if name in rename and rename[name] in names:
             return names.index(rename[name])
-        raise ConvertError(f'{what}: no fidelity {name!r} '
-                           f'(fidelities: {", ".join(names)})')
+        raise ConvertError(
+            f'{what}: no fidelity {name!r} (fidelities: {", ".join(names)})'
+        )
 
     for new, frm in add.items():
         if new in names:
@@ -99,14 +107,18 @@ def plan_fidelities(
     return names, src
 
 
-# ---- layer remapping -----------------------------------------------------------------
+# ---- layer remapping --------------------------------------------------------------
 @torch.no_grad()
-def remap_layer(old: FidelityLinear, new: FidelityLinear,
-                src: Sequence[int]) -> Dict[str, torch.Tensor]:
+def remap_layer(
+    old: FidelityLinear, new: FidelityLinear, src: Sequence[int]
+) -> Dict[str, torch.Tensor]:
     """State dict of ``new`` (F' fidelities, same irreps and mode as ``old``)
     whose fidelity j computes what fidelity ``src[j]`` of ``old`` computes."""
-    if old.mode != new.mode or old.irreps_in != new.irreps_in \
-            or old.irreps_out != new.irreps_out:
+    if (
+        old.mode != new.mode
+        or old.irreps_in != new.irreps_in
+        or old.irreps_out != new.irreps_out
+    ):
         raise ConvertError('remap_layer needs layers of the same irreps and mode')
     state = {k: v.clone() for k, v in new.state_dict().items()}
     idx = torch.as_tensor(list(src), dtype=torch.long)
@@ -117,16 +129,18 @@ def remap_layer(old: FidelityLinear, new: FidelityLinear,
         state['delta_bias'] = old.delta_bias.detach()[idx].clone()
         return state
     w_old = old.linear.weight.detach()
-    w_new = torch.zeros(new.linear.weight_numel, dtype=w_old.dtype, device=w_old.device)
+    w_new = torch.zeros(
+        new.linear.weight_numel, dtype=w_old.dtype, device=w_old.device
+    )
     old_map = _instruction_map(old.linear)
     i_modal = len(old.irreps_in)  # the appended F x 0e block
     for key, (d_off, d_n, d_pw) in _instruction_map(new.linear).items():
         s_off, s_n, s_pw = old_map[key]
-        block = w_old[s_off:s_off + s_n] * (s_pw / d_pw)
+        block = w_old[s_off : s_off + s_n] * (s_pw / d_pw)
         if key[0] == i_modal:  # one row per fidelity
             block = block.reshape(old.num_fidelities, -1)[idx].reshape(-1)
         assert block.numel() == d_n
-        w_new[d_off:d_off + d_n] = block
+        w_new[d_off : d_off + d_n] = block
     state['linear.weight'] = w_new
     if old.shared_biases:
         state['linear.bias'] = old.linear.bias.detach().clone()
@@ -135,20 +149,25 @@ def remap_layer(old: FidelityLinear, new: FidelityLinear,
 
 def _resolved_shift_scale(model: AtomGraphSequential, config: Dict[str, Any]):
     modal_map = config.get(KEY.MODAL_MAP) if config.get(KEY.USE_MODALITY) else None
-    return get_resolved_shift_scale(model._modules[_RESCALE], config[KEY.TYPE_MAP],
-                                    modal_map)
+    return get_resolved_shift_scale(
+        model._modules[_RESCALE], config[KEY.TYPE_MAP], modal_map
+    )
 
 
-def _per_fidelity(value, old_names: Sequence[str], names: Sequence[str],
-                  src: Sequence[int]) -> Dict[str, Any]:
+def _per_fidelity(
+    value, old_names: Sequence[str], names: Sequence[str], src: Sequence[int]
+) -> Dict[str, Any]:
     """{new name: value of its source fidelity}; a shared value is copied."""
     if isinstance(value, dict):
         return {n: copy.deepcopy(value[old_names[s]]) for n, s in zip(names, src)}
     return {n: copy.deepcopy(value) for n in names}
 
 
-def _assemble(model: AtomGraphSequential, new_model: AtomGraphSequential,
-              layer_states: Dict[str, Dict[str, torch.Tensor]]) -> None:
+def _assemble(
+    model: AtomGraphSequential,
+    new_model: AtomGraphSequential,
+    layer_states: Dict[str, Dict[str, torch.Tensor]],
+) -> None:
     """Load ``new_model`` with the remapped fidelity layers, its own (already
     remapped, built from the config) rescale module and every other tensor
     copied from ``model``."""
@@ -163,18 +182,28 @@ def _assemble(model: AtomGraphSequential, new_model: AtomGraphSequential,
         elif k in old and old[k].shape == state[k].shape:
             state[k] = old[k].clone()
         else:
-            raise ConvertError(f'parameter {k} has no counterpart in the source '
-                               f'model ({tuple(old[k].shape) if k in old else "absent"}'
-                               f' vs {tuple(state[k].shape)})')
-    leftover = [k for k in old if k.split('.', 1)[0] not in layer_states
-                and not k.startswith(_RESCALE + '.') and k not in state]
+            raise ConvertError(
+                f'parameter {k} has no counterpart in the source '
+                f'model ({tuple(old[k].shape) if k in old else "absent"}'
+                f' vs {tuple(state[k].shape)})'
+            )
+    leftover = [
+        k
+        for k in old
+        if k.split('.', 1)[0] not in layer_states
+        and not k.startswith(_RESCALE + '.')
+        and k not in state
+    ]
     if leftover:
-        raise ConvertError(f'source parameters with no place in the new model: '
-                           f'{leftover[:5]}')
+        raise ConvertError(
+            f'source parameters with no place in the new model: {leftover[:5]}'
+        )
     new_model.load_state_dict(state, strict=True)
 
 
-def _rescale_config(cfg: Dict[str, Any], model, config, old_names, names, src) -> None:
+def _rescale_config(
+    cfg: Dict[str, Any], model, config, old_names, names, src
+) -> None:
     shift, scale = _resolved_shift_scale(model, config)
     cfg[KEY.SHIFT] = _per_fidelity(shift, old_names, names, src)
     cfg[KEY.USE_MODAL_WISE_SHIFT] = True  # every fidelity has its own energy zero
@@ -186,9 +215,12 @@ def _rescale_config(cfg: Dict[str, Any], model, config, old_names, names, src) -
         cfg[KEY.USE_MODAL_WISE_SCALE] = False
 
 
-def remap_fidelities(model: AtomGraphSequential, config: Dict[str, Any],
-                     names: Sequence[str], src: Sequence[int]
-                     ) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
+def remap_fidelities(
+    model: AtomGraphSequential,
+    config: Dict[str, Any],
+    names: Sequence[str],
+    src: Sequence[int],
+) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
     """A multi-fidelity model with fidelities ``names``, fidelity j a copy of
     fidelity ``src[j]`` of ``model`` (same layer mode)."""
     old_names = fidelity_names(config)
@@ -208,10 +240,13 @@ def remap_fidelities(model: AtomGraphSequential, config: Dict[str, Any],
 
 
 @torch.no_grad()
-def from_plain(model: AtomGraphSequential, config: Dict[str, Any],
-               names: Sequence[str], mode: str,
-               positions: Optional[Dict[str, bool]] = None,
-               ) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
+def from_plain(
+    model: AtomGraphSequential,
+    config: Dict[str, Any],
+    names: Sequence[str],
+    mode: str,
+    positions: Optional[Dict[str, bool]] = None,
+) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
     """A multi-fidelity model whose every fidelity equals the plain ``model``."""
     cfg = copy.deepcopy(config)
     pos = dict(DEFAULT_POSITIONS)
@@ -268,23 +303,33 @@ def convert(
         raise ConvertError(
             f'{cp.source} is a single-fidelity model: name its fidelity with '
             'source_fidelity (CLI: --source-fidelity, YAML: '
-            'train.pretrained_fidelity), e.g. pbe for 7net-0')
+            'train.pretrained_fidelity), e.g. pbe for 7net-0'
+        )
     model = cp.build_model()
     if cp.kind == 'plain':
         names, _ = plan_fidelities([source_fidelity], add, rename, drop)
-        new_model, cfg = from_plain(model, cp.config, names, mode or 'onehot',
-                                    positions)
+        new_model, cfg = from_plain(
+            model, cp.config, names, mode or 'onehot', positions
+        )
     else:
         if positions:
-            raise ConvertError('fidelity positions can only be chosen when converting '
-                               'a single-fidelity model')
+            raise ConvertError(
+                'fidelity positions can only be chosen when converting '
+                'a single-fidelity model'
+            )
         existing = cp.fidelities
-        if source_fidelity and source_fidelity not in existing \
-                and source_fidelity not in (rename or {}).values():
-            raise ConvertError(f'source fidelity {source_fidelity!r} is not in '
-                               f'{cp.source} (fidelities: {", ".join(existing)})')
-        names, src = plan_fidelities(existing, add, rename, drop,
-                                     default_from=source_fidelity)
+        if (
+            source_fidelity
+            and source_fidelity not in existing
+            and source_fidelity not in (rename or {}).values()
+        ):
+            raise ConvertError(
+                f'source fidelity {source_fidelity!r} is not in '
+                f'{cp.source} (fidelities: {", ".join(existing)})'
+            )
+        names, src = plan_fidelities(
+            existing, add, rename, drop, default_from=source_fidelity
+        )
         new_model, cfg = remap_fidelities(model, cp.config, names, src)
         if mode and mode != cfg[S.FIDELITY_LAYER_MODE]:
             try:
@@ -298,14 +343,18 @@ def convert(
     return new_model, cfg
 
 
-def _pairs(items: Sequence[str], what: str, need_value: bool) -> Dict[str, Optional[str]]:
+def _pairs(
+    items: Sequence[str], what: str, need_value: bool
+) -> Dict[str, Optional[str]]:
     out: Dict[str, Optional[str]] = {}
     for item in items or []:
         key, sep, value = item.partition('=')
         key, value = key.strip(), value.strip()
         if not key or (sep and not value) or (need_value and not value):
-            raise ConvertError(f'--{what} {item!r}: expected '
-                               f'{"OLD=NEW" if need_value else "NEW or NEW=FROM"}')
+            raise ConvertError(
+                f'--{what} {item!r}: expected '
+                f'{"OLD=NEW" if need_value else "NEW or NEW=FROM"}'
+            )
         if key in out:
             raise ConvertError(f'--{what}: {key!r} given twice')
         out[key] = value or None
@@ -316,11 +365,25 @@ def convert_cli(args) -> str:
     """``sevenn_mf convert``: convert and save; returns the output path."""
     add = _pairs(args.add, 'add', need_value=False)
     rename = {k: str(v) for k, v in _pairs(args.rename, 'rename', True).items()}
-    model, cfg = convert(args.source, source_fidelity=args.source_fidelity, add=add,
-                         rename=rename, drop=list(args.drop or []), mode=args.mode)
+    model, cfg = convert(
+        args.source,
+        source_fidelity=args.source_fidelity,
+        add=add,
+        rename=rename,
+        drop=list(args.drop or []),
+        mode=args.mode,
+    )
     save_checkpoint(args.output, model, cfg)
     return str(args.output)
 
 
-__all__ = ['convert', 'convert_cli', 'plan_fidelities', 'remap_fidelities',
-           'remap_layer', 'from_plain', 'ConvertError', 'FidelityError']
+__all__ = [
+    'convert',
+    'convert_cli',
+    'plan_fidelities',
+    'remap_fidelities',
+    'remap_layer',
+    'from_plain',
+    'ConvertError',
+    'FidelityError',
+]

@@ -15,9 +15,8 @@ import os
 import tempfile
 from typing import Dict, List, Optional
 
-import torch
-
 import sevenn._keys as KEY
+import torch
 from sevenn.scripts.deploy import deploy as sevenn_deploy
 from sevenn.scripts.deploy import deploy_parallel as sevenn_deploy_parallel
 
@@ -26,16 +25,27 @@ from .checkpoint import Checkpoint, PathLike, save_checkpoint
 from .model import convert_layer_mode, fold, resolve_fidelity
 
 # metadata sevenn's deploy writes (read back so that re-saving keeps it)
-_SEVENN_META = ('chemical_symbols_to_index', 'cutoff', 'num_species', 'flashTP', 'oeq',
-                'model_type', 'version', 'dtype', 'time', 'comm_size')
+_SEVENN_META = (
+    'chemical_symbols_to_index',
+    'cutoff',
+    'num_species',
+    'flashTP',
+    'oeq',
+    'model_type',
+    'version',
+    'dtype',
+    'time',
+    'comm_size',
+)
 
 
 def _as_checkpoint(source) -> Checkpoint:
     return source if isinstance(source, Checkpoint) else Checkpoint(source)
 
 
-def export(source: PathLike, fidelity: Optional[str], output: PathLike,
-           native: bool = False) -> str:
+def export(
+    source: PathLike, fidelity: Optional[str], output: PathLike, native: bool = False
+) -> str:
     """Write a checkpoint that plain sevenn (without sevenn_mf) loads.
 
     ``native=False``: a single-fidelity SevenNet checkpoint equal to the model
@@ -47,8 +57,10 @@ def export(source: PathLike, fidelity: Optional[str], output: PathLike,
     model = cp.build_model()
     if native:
         if not cp.fidelities:
-            raise ValueError(f'{cp.source} is a single-fidelity model: nothing to '
-                             'export in multi-modal format; export it plainly')
+            raise ValueError(
+                f'{cp.source} is a single-fidelity model: nothing to '
+                'export in multi-modal format; export it plainly'
+            )
         config = copy.deepcopy(cp.config)
         if cp.layer_mode == 'indexed':
             model, config = convert_layer_mode(model, config, 'onehot')
@@ -79,15 +91,21 @@ def _default_output(cp: Checkpoint, fidelity: Optional[str], parallel: bool) -> 
     return stem if parallel else stem + '.pt'
 
 
-def deploy(source: PathLike, fidelity: Optional[str] = None,
-           output: Optional[str] = None, parallel: bool = False,
-           all_fidelities: bool = False) -> List[str]:
+def deploy(
+    source: PathLike,
+    fidelity: Optional[str] = None,
+    output: Optional[str] = None,
+    parallel: bool = False,
+    all_fidelities: bool = False,
+) -> List[str]:
     """TorchScript for ``pair_style e3gnn`` (a .pt file) or ``e3gnn/parallel``
     (a folder of per-segment files). Returns the written paths."""
     cp = _as_checkpoint(source)
     if all_fidelities:
         if not cp.fidelities:
-            raise ValueError(f'{cp.source} has a single fidelity; drop --all-fidelities')
+            raise ValueError(
+                f'{cp.source} has a single fidelity; drop --all-fidelities'
+            )
         targets = list(cp.fidelities)
     else:
         targets = [resolve_fidelity(cp.config, fidelity)]
@@ -103,13 +121,17 @@ def deploy(source: PathLike, fidelity: Optional[str] = None,
                     out = os.path.join(output, out)
             parent = os.path.dirname(os.path.abspath(out))
             os.makedirs(parent, exist_ok=True)
-            meta = {'sevenn_mf_fidelity': fid or '',
-                    'sevenn_mf_fidelities': ' '.join(cp.fidelities)}
+            meta = {
+                'sevenn_mf_fidelity': fid or '',
+                'sevenn_mf_fidelities': ' '.join(cp.fidelities),
+            }
             if parallel:
                 sevenn_deploy_parallel(plain_cp, fname=out)
                 n = int(cp.config[KEY.NUM_CONVOLUTION])
                 for i in range(n):
-                    _add_metadata(os.path.join(out, f'deployed_parallel_{i}.pt'), meta)
+                    _add_metadata(
+                        os.path.join(out, f'deployed_parallel_{i}.pt'), meta
+                    )
             else:
                 if not out.endswith('.pt'):
                     out += '.pt'

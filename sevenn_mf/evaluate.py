@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-from torch_geometric.loader import DataLoader
-
 import sevenn._keys as KEY
+from torch_geometric.loader import DataLoader
 
 from .checkpoint import Checkpoint, PathLike
 from .data.databases import read_frames, validate_frames
@@ -42,7 +41,9 @@ class Summary:
     files: Dict[str, str]
 
     def to_text(self) -> str:
-        rows = [f'fidelity: {self.fidelity or "(single)"}, structures: {self.n_structures}']
+        rows = [
+            f'fidelity: {self.fidelity or "(single)"}, structures: {self.n_structures}'
+        ]
         for k, v in self.errors.items():
             rows.append(f'  {k:<22} {v:10.3f}')
         for k, v in self.files.items():
@@ -50,8 +51,13 @@ class Summary:
         return '\n'.join(rows)
 
 
-def predict(checkpoint, graphs: Sequence, fidelity: Optional[str],
-            batch_size: int = 8, model=None) -> Predictions:
+def predict(
+    checkpoint,
+    graphs: Sequence,
+    fidelity: Optional[str],
+    batch_size: int = 8,
+    model=None,
+) -> Predictions:
     cp = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint(checkpoint)
     fidelity = resolve_fidelity(cp.config, fidelity)
     model = model if model is not None else cp.build_model()
@@ -74,7 +80,7 @@ def predict(checkpoint, graphs: Sequence, fidelity: Optional[str],
         infos = res[KEY.INFO] if KEY.INFO in res else [{}] * len(n)
         for i in range(len(n)):
             info = infos[i] if isinstance(infos, list) else {}
-            out.where.append(f"{info.get('file', '?')}:{info.get('frame', i)}")
+            out.where.append(f'{info.get("file", "?")}:{info.get("frame", i)}')
             out.natoms.append(int(n[i]))
             out.e_ref.append(float(e_ref[i]))
             out.e_pred.append(float(e_pred[i]))
@@ -95,13 +101,24 @@ def error_summary(p: Predictions) -> Dict[str, float]:
         return float(np.abs(d).mean()), float(np.sqrt((d * d).mean()))
 
     e = stats(p.e_ref, p.e_pred, 1000.0)
-    f = stats(np.concatenate(p.f_ref) if p.f_ref else [],
-              np.concatenate(p.f_pred) if p.f_pred else [], 1000.0)
-    s = stats(np.concatenate(p.s_ref) if p.s_ref else [],
-              np.concatenate(p.s_pred) if p.s_pred else [], 1.0)
-    return {'energy MAE (meV/atom)': e[0], 'energy RMSE (meV/atom)': e[1],
-            'force MAE (meV/Å)': f[0], 'force RMSE (meV/Å)': f[1],
-            'stress MAE (GPa)': s[0], 'stress RMSE (GPa)': s[1]}
+    f = stats(
+        np.concatenate(p.f_ref) if p.f_ref else [],
+        np.concatenate(p.f_pred) if p.f_pred else [],
+        1000.0,
+    )
+    s = stats(
+        np.concatenate(p.s_ref) if p.s_ref else [],
+        np.concatenate(p.s_pred) if p.s_pred else [],
+        1.0,
+    )
+    return {
+        'energy MAE (meV/atom)': e[0],
+        'energy RMSE (meV/atom)': e[1],
+        'force MAE (meV/Å)': f[0],
+        'force RMSE (meV/Å)': f[1],
+        'stress MAE (GPa)': s[0],
+        'stress RMSE (GPa)': s[1],
+    }
 
 
 def parity_plot(p: Predictions, path: str, title: str = '') -> str:
@@ -110,11 +127,19 @@ def parity_plot(p: Predictions, path: str, title: str = '') -> str:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    panels = [('energy (eV/atom)', p.e_ref, p.e_pred),
-              ('force (eV/Å)', np.concatenate(p.f_ref).ravel(),
-               np.concatenate(p.f_pred).ravel()),
-              ('stress (GPa)', np.concatenate(p.s_ref).ravel(),
-               np.concatenate(p.s_pred).ravel())]
+    panels = [
+        ('energy (eV/atom)', p.e_ref, p.e_pred),
+        (
+            'force (eV/Å)',
+            np.concatenate(p.f_ref).ravel(),
+            np.concatenate(p.f_pred).ravel(),
+        ),
+        (
+            'stress (GPa)',
+            np.concatenate(p.s_ref).ravel(),
+            np.concatenate(p.s_pred).ravel(),
+        ),
+    ]
     panels = [(n, np.asarray(r, float), np.asarray(q, float)) for n, r, q in panels]
     panels = [(n, r[np.isfinite(r)], q[np.isfinite(r)]) for n, r, q in panels]
     panels = [x for x in panels if len(x[1])]
@@ -136,28 +161,55 @@ def parity_plot(p: Predictions, path: str, title: str = '') -> str:
     return path
 
 
-def evaluate(checkpoint: PathLike, files: Sequence[str], fidelity: Optional[str] = None,
-             out_dir: str = 'evaluation', batch_size: int = 8) -> Summary:
+def evaluate(
+    checkpoint: PathLike,
+    files: Sequence[str],
+    fidelity: Optional[str] = None,
+    out_dir: str = 'evaluation',
+    batch_size: int = 8,
+) -> Summary:
     cp = Checkpoint(checkpoint)
     fidelity = resolve_fidelity(cp.config, fidelity)
     frames = []
     for f in files:
         frames += read_frames(f)
     validate_frames(frames, species=cp.species)
-    graphs = build_graphs(frames, cp.cutoff, fidelity or 'default', 1.0, desc='evaluate')
+    graphs = build_graphs(
+        frames, cp.cutoff, fidelity or 'default', 1.0, desc='evaluate'
+    )
     p = predict(cp, graphs, fidelity, batch_size)
     os.makedirs(out_dir, exist_ok=True)
     per = os.path.join(out_dir, 'per_structure.csv')
     with open(per, 'w', newline='') as fh:
         w = csv.writer(fh)
-        w.writerow(['structure', 'natoms', 'energy_ref_eV_atom', 'energy_pred_eV_atom',
-                    'energy_err_meV_atom', 'force_mae_meV_A'])
+        w.writerow(
+            [
+                'structure',
+                'natoms',
+                'energy_ref_eV_atom',
+                'energy_pred_eV_atom',
+                'energy_err_meV_atom',
+                'force_mae_meV_A',
+            ]
+        )
         for i in range(len(p.where)):
             fr, fp = p.f_ref[i], p.f_pred[i]
             ok = np.isfinite(fr)
-            fmae = float(np.abs(fp[ok] - fr[ok]).mean() * 1000) if ok.any() else float('nan')
-            w.writerow([p.where[i], p.natoms[i], f'{p.e_ref[i]:.6f}', f'{p.e_pred[i]:.6f}',
-                        f'{(p.e_pred[i] - p.e_ref[i]) * 1000:.3f}', f'{fmae:.3f}'])
+            fmae = (
+                float(np.abs(fp[ok] - fr[ok]).mean() * 1000)
+                if ok.any()
+                else float('nan')
+            )
+            w.writerow(
+                [
+                    p.where[i],
+                    p.natoms[i],
+                    f'{p.e_ref[i]:.6f}',
+                    f'{p.e_pred[i]:.6f}',
+                    f'{(p.e_pred[i] - p.e_ref[i]) * 1000:.3f}',
+                    f'{fmae:.3f}',
+                ]
+            )
     errors = error_summary(p)
     summ = os.path.join(out_dir, 'summary.csv')
     with open(summ, 'w', newline='') as fh:
@@ -165,7 +217,14 @@ def evaluate(checkpoint: PathLike, files: Sequence[str], fidelity: Optional[str]
         w.writerow(['metric', 'value'])
         for k, v in errors.items():
             w.writerow([k, f'{v:.6g}'])
-    png = parity_plot(p, os.path.join(out_dir, 'parity.png'),
-                      title=f'{os.path.basename(cp.path)} @ {fidelity or "single"}')
-    return Summary(fidelity, len(p.where), errors,
-                   {'per-structure': per, 'summary': summ, 'parity plot': png})
+    png = parity_plot(
+        p,
+        os.path.join(out_dir, 'parity.png'),
+        title=f'{os.path.basename(cp.path)} @ {fidelity or "single"}',
+    )
+    return Summary(
+        fidelity,
+        len(p.where),
+        errors,
+        {'per-structure': per, 'summary': summ, 'parity plot': png},
+    )

@@ -54,12 +54,11 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import torch
-from torch_geometric.loader import DataLoader
-
 import sevenn._const as _const
 import sevenn._keys as KEY
+import torch
 from ase.data import chemical_symbols
+from torch_geometric.loader import DataLoader
 
 from . import _sevenn as S
 from .convert import convert
@@ -69,14 +68,29 @@ from .nn.fidelity_linear import _instruction_map
 
 FIT_TO_PRETRAINED = 'fit_to_pretrained'
 DEFAULT_SOURCE_FIDELITY = 'pbe'
-_TRAIN_DENOMINATOR = KEY.TRAIN_DENOMINTAOR  # (sic, sevenn's name) 'train_denominator'
+_TRAIN_DENOMINATOR = (
+    KEY.TRAIN_DENOMINTAOR
+)  # (sic, sevenn's name) 'train_denominator'
 # YAML model keys applied to a pretrained model (training choices, not architecture)
-HONOURED_MODEL_KEYS = (S.FIDELITY_LAYER_MODE, KEY.TRAIN_SHIFT_SCALE, _TRAIN_DENOMINATOR)
+HONOURED_MODEL_KEYS = (
+    S.FIDELITY_LAYER_MODE,
+    KEY.TRAIN_SHIFT_SCALE,
+    _TRAIN_DENOMINATOR,
+)
 # config keys taken from the converted checkpoint besides the model section
 _MODEL_LIKE_KEYS = (
-    KEY.CHEMICAL_SPECIES, KEY.NUM_SPECIES, KEY.TYPE_MAP, KEY.SHIFT, KEY.SCALE,
-    KEY.CONV_DENOMINATOR, KEY.USE_MODAL_WISE_SHIFT, KEY.USE_MODAL_WISE_SCALE,
-    KEY.USE_MODALITY, KEY.MODAL_MAP, KEY.NUM_MODALITIES, KEY.MODEL_TYPE,
+    KEY.CHEMICAL_SPECIES,
+    KEY.NUM_SPECIES,
+    KEY.TYPE_MAP,
+    KEY.SHIFT,
+    KEY.SCALE,
+    KEY.CONV_DENOMINATOR,
+    KEY.USE_MODAL_WISE_SHIFT,
+    KEY.USE_MODAL_WISE_SCALE,
+    KEY.USE_MODALITY,
+    KEY.MODAL_MAP,
+    KEY.NUM_MODALITIES,
+    KEY.MODEL_TYPE,
 )
 USER_MODEL_KEYS = '_user_model_keys'  # model keys the YAML named (set by config.py)
 
@@ -91,11 +105,15 @@ def check_reference_options(config: Dict[str, Any]) -> None:
     fits = [f for f, v in refs.items() if isinstance(v, str)]
     for f in fits:
         if refs[f] != FIT_TO_PRETRAINED:
-            raise FinetuneError(f'data.reference_energies.{f}: expected a mapping '
-                                f'{{element: eV}} or {FIT_TO_PRETRAINED!r}')
+            raise FinetuneError(
+                f'data.reference_energies.{f}: expected a mapping '
+                f'{{element: eV}} or {FIT_TO_PRETRAINED!r}'
+            )
     if (fits or config.get(S.FIT_NEW_REFERENCES)) and not config.get(S.PRETRAINED):
-        raise FinetuneError(f'{FIT_TO_PRETRAINED} / train.fit_new_references needs '
-                            'train.pretrained (a model to fit against)')
+        raise FinetuneError(
+            f'{FIT_TO_PRETRAINED} / train.fit_new_references needs '
+            'train.pretrained (a model to fit against)'
+        )
 
 
 def _database_fidelities(config: Dict[str, Any]) -> List[str]:
@@ -112,8 +130,9 @@ def _source_path(source: str, base_dir: str) -> str:
     return local if os.path.isfile(local) else source
 
 
-def load_pretrained(config: Dict[str, Any], log: Callable[[str], None] = print
-                    ) -> Tuple[torch.nn.Module, Dict[str, Any], List[str]]:
+def load_pretrained(
+    config: Dict[str, Any], log: Callable[[str], None] = print
+) -> Tuple[torch.nn.Module, Dict[str, Any], List[str]]:
     """Convert ``train.pretrained`` for this run: (model, merged config, names
     of the fidelities added to the checkpoint's).
 
@@ -129,12 +148,15 @@ def load_pretrained(config: Dict[str, Any], log: Callable[[str], None] = print
     src_fid = config.get(S.PRETRAINED_FIDELITY)
     if not existing and not src_fid:
         src_fid = DEFAULT_SOURCE_FIDELITY
-        log(f'train.pretrained_fidelity not given: the fidelity of single-fidelity '
-            f'{config[S.PRETRAINED]} is called {src_fid!r}')
+        log(
+            f'train.pretrained_fidelity not given: the fidelity of single-fidelity '
+            f'{config[S.PRETRAINED]} is called {src_fid!r}'
+        )
     have = list(existing) or [src_fid]
     add: Dict[str, Optional[str]] = {
         str(k): (None if v is None else str(v))
-        for k, v in (config.get(S.PRETRAINED_ADD) or {}).items()}
+        for k, v in (config.get(S.PRETRAINED_ADD) or {}).items()
+    }
     wanted = list(config.get(S.FIDELITIES) or []) or _database_fidelities(config)
     for f in wanted:
         if f not in have and f not in add:
@@ -143,26 +165,40 @@ def load_pretrained(config: Dict[str, Any], log: Callable[[str], None] = print
     positions = None
     if not existing:
         positions = {k: bool(config.get(k, False)) for k in S.MODAL_POSITION_KEYS}
-    model, mcfg = convert(cp, source_fidelity=src_fid, add=add, mode=mode,
-                          positions=positions)
-    log(f'pretrained {config[S.PRETRAINED]} ({cp.kind}, {cp.path}) -> fidelities '
-        + ', '.join(f'{n}' + (f' (from {add[n] or src_fid or have[0]})' if n in add
-                              else '') for n in mcfg[S.FIDELITIES])
-        + f', {mcfg[S.FIDELITY_LAYER_MODE]} mode')
+    model, mcfg = convert(
+        cp, source_fidelity=src_fid, add=add, mode=mode, positions=positions
+    )
+    log(
+        f'pretrained {config[S.PRETRAINED]} ({cp.kind}, {cp.path}) -> fidelities '
+        + ', '.join(
+            f'{n}' + (f' (from {add[n] or src_fid or have[0]})' if n in add else '')
+            for n in mcfg[S.FIDELITIES]
+        )
+        + f', {mcfg[S.FIDELITY_LAYER_MODE]} mode'
+    )
 
     user_keys = set(config.get(USER_MODEL_KEYS) or [])
-    ignored = sorted(k for k in user_keys - set(HONOURED_MODEL_KEYS)
-                     - set(S.MODAL_POSITION_KEYS) - {S.FIDELITIES}
-                     if k in _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
-                     or k == KEY.CHEMICAL_SPECIES)
+    ignored = sorted(
+        k
+        for k in user_keys
+        - set(HONOURED_MODEL_KEYS)
+        - set(S.MODAL_POSITION_KEYS)
+        - {S.FIDELITIES}
+        if k in _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
+        or k == KEY.CHEMICAL_SPECIES
+    )
     if existing:
         ignored += sorted(user_keys & set(S.MODAL_POSITION_KEYS))
     if ignored:
-        log('note: model section keys ignored, the architecture comes from the '
-            'pretrained checkpoint: ' + ', '.join(ignored))
+        log(
+            'note: model section keys ignored, the architecture comes from the '
+            'pretrained checkpoint: ' + ', '.join(ignored)
+        )
 
     merged = copy.deepcopy(config)
-    for k in list(_const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG) + list(_MODEL_LIKE_KEYS):
+    for k in list(_const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG) + list(
+        _MODEL_LIKE_KEYS
+    ):
         if k in HONOURED_MODEL_KEYS or k not in mcfg:
             continue
         merged[k] = copy.deepcopy(mcfg[k])
@@ -182,13 +218,17 @@ def load_pretrained(config: Dict[str, Any], log: Callable[[str], None] = print
 def _shift_to_config(model: torch.nn.Module, config: Dict[str, Any]) -> None:
     from sevenn.nn.scale import get_resolved_shift_scale
 
-    shift, _ = get_resolved_shift_scale(model._modules['rescale_atomic_energy'],
-                                        config[KEY.TYPE_MAP], config[KEY.MODAL_MAP])
+    shift, _ = get_resolved_shift_scale(
+        model._modules['rescale_atomic_energy'],
+        config[KEY.TYPE_MAP],
+        config[KEY.MODAL_MAP],
+    )
     config[KEY.SHIFT] = shift
 
 
-def predict_energies(model: torch.nn.Module, graphs: List[Any],
-                     batch_size: int = 8) -> np.ndarray:
+def predict_energies(
+    model: torch.nn.Module, graphs: List[Any], batch_size: int = 8
+) -> np.ndarray:
     """Total energies of ``graphs`` at their own fidelity (model in eval mode)."""
     was_training = model.training
     model.eval()
@@ -202,8 +242,13 @@ def predict_energies(model: torch.nn.Module, graphs: List[Any],
 
 
 @torch.no_grad()
-def _add_to_shift(model: torch.nn.Module, config: Dict[str, Any], fid: str,
-                  delta: Dict[str, float], replace: bool = False) -> None:
+def _add_to_shift(
+    model: torch.nn.Module,
+    config: Dict[str, Any],
+    fid: str,
+    delta: Dict[str, float],
+    replace: bool = False,
+) -> None:
     rescale = model._modules['rescale_atomic_energy']
     if not getattr(rescale, 'use_modal_wise_shift', False):
         raise FinetuneError('per-fidelity references need use_modal_wise_shift')
@@ -212,66 +257,95 @@ def _add_to_shift(model: torch.nn.Module, config: Dict[str, Any], fid: str,
     for el, d in delta.items():
         z = chemical_symbols.index(el)
         if z not in type_map:
-            raise FinetuneError(f'reference energy for {el}: not a species of the '
-                                'pretrained model')
+            raise FinetuneError(
+                f'reference energy for {el}: not a species of the pretrained model'
+            )
         if replace:
             rescale.shift[f, type_map[z]] = float(d)
         else:
             rescale.shift[f, type_map[z]] += float(d)
 
 
-def fit_references(model: torch.nn.Module, config: Dict[str, Any], data,
-                   fidelities: List[str], log: Callable[[str], None] = print,
-                   max_structures: int = 200) -> Dict[str, Dict[str, float]]:
+def fit_references(
+    model: torch.nn.Module,
+    config: Dict[str, Any],
+    data,
+    fidelities: List[str],
+    log: Callable[[str], None] = print,
+    max_structures: int = 200,
+) -> Dict[str, Dict[str, float]]:
     """Refit the per-element shift of ``fidelities`` to the model's residuals on
     their training structures (in place on model and config); returns the
     corrections per fidelity. At most ``max_structures`` (evenly spaced) are
     predicted per fidelity."""
     done = {}
     for fid in fidelities:
-        graphs = [g for db in data.databases if db.spec.fidelity == fid for g in db.train]
+        graphs = [
+            g for db in data.databases if db.spec.fidelity == fid for g in db.train
+        ]
         graphs = [g for g in graphs if np.isfinite(float(g[KEY.ENERGY]))]
         if len(graphs) > max_structures:  # a few coefficients: a sample suffices
-            pick = np.linspace(0, len(graphs) - 1, max_structures).round().astype(int)
+            pick = (
+                np.linspace(0, len(graphs) - 1, max_structures).round().astype(int)
+            )
             graphs = [graphs[i] for i in pick]
         if not graphs:
             log(f'reference fit ({fid}): no labelled training energies, skipped')
             continue
         pred = predict_energies(model, graphs, int(config.get(KEY.BATCH_SIZE, 8)))
-        items = [SimpleNamespace(numbers=g[KEY.ATOMIC_NUMBERS].cpu().numpy(),
-                                 energy=float(g[KEY.ENERGY]) - p, forces=None)
-                 for g, p in zip(graphs, pred)]
+        items = [
+            SimpleNamespace(
+                numbers=g[KEY.ATOMIC_NUMBERS].cpu().numpy(),
+                energy=float(g[KEY.ENERGY]) - p,
+                forces=None,
+            )
+            for g, p in zip(graphs, pred)
+        ]
         n_atoms = np.array([len(it.numbers) for it in items], dtype=float)
-        present = sorted({chemical_symbols[int(z)] for it in items for z in it.numbers})
+        present = sorted(
+            {chemical_symbols[int(z)] for it in items for z in it.numbers}
+        )
         delta = fit_reference_energies(items, present)
         _add_to_shift(model, config, fid, delta)
         before = np.abs(np.array([it.energy for it in items]) / n_atoms)
         after = predict_energies(model, graphs, int(config.get(KEY.BATCH_SIZE, 8)))
-        err = np.abs(np.array([float(g[KEY.ENERGY]) for g in graphs]) - after) / n_atoms
-        log(f'reference fit ({fid}) to the pretrained predictions on {len(graphs)} '
-            'structures: ' + ', '.join(f'{el} {d:+.4f}' for el, d in delta.items())
+        err = (
+            np.abs(np.array([float(g[KEY.ENERGY]) for g in graphs]) - after)
+            / n_atoms
+        )
+        log(
+            f'reference fit ({fid}) to the pretrained predictions on {len(graphs)} '
+            'structures: '
+            + ', '.join(f'{el} {d:+.4f}' for el, d in delta.items())
             + f' eV; energy MAE {1000 * before.mean():.1f} -> '
-            f'{1000 * err.mean():.1f} meV/atom')
+            f'{1000 * err.mean():.1f} meV/atom'
+        )
         done[fid] = delta
     _shift_to_config(model, config)
     return done
 
 
-def finetune_model(model: torch.nn.Module, config: Dict[str, Any], data,
-                   added: List[str], log: Callable[[str], None] = print
-                   ) -> torch.nn.Module:
+def finetune_model(
+    model: torch.nn.Module,
+    config: Dict[str, Any],
+    data,
+    added: List[str],
+    log: Callable[[str], None] = print,
+) -> torch.nn.Module:
     """After :func:`prepare_data`: user references and reference fits applied,
     and the model rebuilt from the final config (checks they agree)."""
     refs = config.get(S.REFERENCE_ENERGIES) or {}
     for fid, v in refs.items():
         if isinstance(v, dict):
-            _add_to_shift(model, config, fid, {k: float(e) for k, e in v.items()},
-                          replace=True)
+            _add_to_shift(
+                model, config, fid, {k: float(e) for k, e in v.items()}, replace=True
+            )
     _shift_to_config(model, config)
     to_fit = [f for f, v in refs.items() if v == FIT_TO_PRETRAINED]
     if config.get(S.FIT_NEW_REFERENCES):
-        to_fit += [f for f in added
-                   if f not in to_fit and not isinstance(refs.get(f), dict)]
+        to_fit += [
+            f for f in added if f not in to_fit and not isinstance(refs.get(f), dict)
+        ]
     if to_fit:
         fit_references(model, config, data, to_fit, log)
     final = build_model(config)
@@ -279,7 +353,7 @@ def finetune_model(model: torch.nn.Module, config: Dict[str, Any], data,
     return final
 
 
-# ---- optimizer: frozen / slower shared weights --------------------------------------
+# ---- optimizer: frozen / slower shared weights ------------------------------------
 def onehot_shared_masks(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """For each onehot fidelity layer: ``{'<layer>.linear.weight': mask}``, True
     on the entries of the shared paths (False on the fidelity one-hot paths)."""
@@ -292,7 +366,7 @@ def onehot_shared_masks(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         i_modal = len(layer.irreps_in)
         for (i_in, _), (off, n, _) in _instruction_map(layer.linear).items():
             if i_in == i_modal:
-                mask[off:off + n] = False
+                mask[off : off + n] = False
         masks[f'{name}.linear.weight'] = mask.reshape(w.shape)
     return masks
 
@@ -301,9 +375,12 @@ class SharedEntryScaler:
     """Scales the optimizer update of some entries of some tensors: after each
     step, ``p[mask] = old + factor * (new - old)`` (restore when factor is 0)."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer,
-                 entries: List[Tuple[torch.nn.Parameter, torch.Tensor]],
-                 factor: float) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        entries: List[Tuple[torch.nn.Parameter, torch.Tensor]],
+        factor: float,
+    ) -> None:
         self.entries = entries
         self.factor = float(factor)
         self._saved: List[torch.Tensor] = []
@@ -321,8 +398,9 @@ class SharedEntryScaler:
         self._saved = []
 
 
-def configure_optimizer(trainer, config: Dict[str, Any],
-                        log: Callable[[str], None] = print) -> None:
+def configure_optimizer(
+    trainer, config: Dict[str, Any], log: Callable[[str], None] = print
+) -> None:
     """Rebuild ``trainer.optimizer`` (and scheduler) for ``freeze_shared`` /
     ``shared_lr_factor``; no-op when neither is set."""
     freeze = bool(config.get(S.FREEZE_SHARED, False))
@@ -356,15 +434,24 @@ def configure_optimizer(trainer, config: Dict[str, Any],
     trainer.optimizer = opt_cls(groups, **args)
     if trainer.scheduler is not None:
         trainer.scheduler = type(trainer.scheduler)(
-            trainer.optimizer, **dict(config.get(KEY.SCHEDULER_PARAM) or {}))
+            trainer.optimizer, **dict(config.get(KEY.SCHEDULER_PARAM) or {})
+        )
     if mixed:
         if freeze:  # keep the optimizer state of the frozen entries at zero too
             for p, mask in mixed:
                 p.register_hook(lambda g, m=mask: g.masked_fill(m, 0.0))
-        trainer.shared_entry_scaler = SharedEntryScaler(trainer.optimizer, mixed, factor)
+        trainer.shared_entry_scaler = SharedEntryScaler(
+            trainer.optimizer, mixed, factor
+        )
     n_fid = sum(p.numel() for p in fid_params)
     n_sh = sum(p.numel() for p in shared_params)
-    log(f'optimizer groups: fidelity-dependent {n_fid:,} parameters at lr {lr:g}; '
+    log(
+        f'optimizer groups: fidelity-dependent {n_fid:,} parameters at lr {lr:g}; '
         + ('shared frozen' if freeze else f'shared {n_sh:,} at lr {lr * factor:g}')
-        + (f'; {len(mixed)} onehot tensors with shared entries '
-           + ('held fixed' if freeze else f'updated x{factor:g}') if mixed else ''))
+        + (
+            f'; {len(mixed)} onehot tensors with shared entries '
+            + ('held fixed' if freeze else f'updated x{factor:g}')
+            if mixed
+            else ''
+        )
+    )

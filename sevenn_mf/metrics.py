@@ -7,14 +7,16 @@ import os
 from collections import OrderedDict
 from typing import Dict, List
 
-import torch
-
 import sevenn._keys as KEY
+import torch
 
 EV_A3_TO_GPA = 160.21766208
 # (column, unit, scale from sevenn's eV-based units)
-QUANTITIES = (('energy', 'meV/atom', 1000.0), ('force', 'meV/Å', 1000.0),
-              ('stress', 'GPa', EV_A3_TO_GPA))
+QUANTITIES = (
+    ('energy', 'meV/atom', 1000.0),
+    ('force', 'meV/Å', 1000.0),
+    ('stress', 'GPa', EV_A3_TO_GPA),
+)
 
 
 class _Accumulator:
@@ -30,12 +32,18 @@ class _Accumulator:
     def update(self, output, *args, **kwargs) -> None:
         natoms = output[KEY.NUM_ATOMS].reshape(-1).to(torch.float64)
         pairs = {
-            'energy': (output[KEY.PRED_TOTAL_ENERGY].reshape(-1).double() / natoms,
-                       output[KEY.ENERGY].reshape(-1).double() / natoms),
-            'force': (output[KEY.PRED_FORCE].reshape(-1).double(),
-                      output[KEY.FORCE].reshape(-1).double()),
-            'stress': (output[KEY.PRED_STRESS].reshape(-1).double(),
-                       output[KEY.STRESS].reshape(-1).double()),
+            'energy': (
+                output[KEY.PRED_TOTAL_ENERGY].reshape(-1).double() / natoms,
+                output[KEY.ENERGY].reshape(-1).double() / natoms,
+            ),
+            'force': (
+                output[KEY.PRED_FORCE].reshape(-1).double(),
+                output[KEY.FORCE].reshape(-1).double(),
+            ),
+            'stress': (
+                output[KEY.PRED_STRESS].reshape(-1).double(),
+                output[KEY.STRESS].reshape(-1).double(),
+            ),
         }
         for q, (pred, ref) in pairs.items():
             ok = torch.isfinite(ref)  # absent labels are NaN: not counted
@@ -52,9 +60,13 @@ class _Accumulator:
         import torch.distributed as dist
 
         names = [q for q, _, _ in QUANTITIES]
-        t = torch.tensor([self.abs[q] for q in names] + [self.sq[q] for q in names]
-                         + [float(self.n[q]) for q in names], dtype=torch.float64,
-                         device=device)
+        t = torch.tensor(
+            [self.abs[q] for q in names]
+            + [self.sq[q] for q in names]
+            + [float(self.n[q]) for q in names],
+            dtype=torch.float64,
+            device=device,
+        )
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         k = len(names)
         for i, q in enumerate(names):
@@ -91,26 +103,31 @@ class FidelityMetrics:
 
     def table(self, epoch: int) -> str:
         units = {q: u for q, u, _ in QUANTITIES}
-        head = f"{'set':<28}" + ''.join(
-            f'{q + " MAE (" + units[q] + ")":>24}' for q, _, _ in QUANTITIES)
+        head = f'{"set":<28}' + ''.join(
+            f'{q + " MAE (" + units[q] + ")":>24}' for q, _, _ in QUANTITIES
+        )
         rows = [f'per-set errors, epoch {epoch}', head]
         for name, r in self.results().items():
-            rows.append(f'{name:<28}' + ''.join(
-                f'{r[q + "_mae"]:>24.3f}' for q, _, _ in QUANTITIES))
+            rows.append(
+                f'{name:<28}'
+                + ''.join(f'{r[q + "_mae"]:>24.3f}' for q, _, _ in QUANTITIES)
+            )
         return '\n'.join(rows) + '\n'
 
     def write_epoch(self, path: str, epoch: int, lr: float) -> None:
         """Append one row per set, then reset for the next epoch."""
         new = not os.path.isfile(path)
-        cols = ['epoch', 'lr', 'set'] + [f'{q}_{m}' for q, _, _ in QUANTITIES
-                                         for m in ('mae', 'rmse')]
+        cols = ['epoch', 'lr', 'set'] + [
+            f'{q}_{m}' for q, _, _ in QUANTITIES for m in ('mae', 'rmse')
+        ]
         with open(path, 'a', newline='') as f:
             w = csv.writer(f)
             if new:
                 w.writerow(cols)
             for name, r in self.results().items():
-                w.writerow([epoch, f'{lr:.6g}', name] +
-                           [f'{r[c]:.6g}' for c in cols[3:]])
+                w.writerow(
+                    [epoch, f'{lr:.6g}', name] + [f'{r[c]:.6g}' for c in cols[3:]]
+                )
         for a in self.acc.values():
             a.reset()
 

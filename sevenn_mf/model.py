@@ -6,9 +6,8 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import torch
-
 import sevenn._keys as KEY
+import torch
 from sevenn.model_build import build_E3_equivariant_model
 from sevenn.nn.scale import get_resolved_shift_scale
 from sevenn.nn.sequential import AtomGraphSequential
@@ -17,7 +16,12 @@ from . import _sevenn as S
 from .nn.fidelity_linear import FidelityLinear
 
 # modality keys that a plain (single-fidelity) sevenn config must not carry
-_MODAL_ONLY_KEYS = (KEY.MODAL_MAP, KEY.NUM_MODALITIES, S.FIDELITIES, S.FIDELITY_LAYER_MODE)
+_MODAL_ONLY_KEYS = (
+    KEY.MODAL_MAP,
+    KEY.NUM_MODALITIES,
+    S.FIDELITIES,
+    S.FIDELITY_LAYER_MODE,
+)
 
 
 class FidelityError(ValueError):
@@ -32,7 +36,9 @@ def fidelity_names(config: Dict[str, Any]) -> List[str]:
     return [k for k, _ in sorted(modal_map.items(), key=lambda kv: kv[1])]
 
 
-def resolve_fidelity(config: Dict[str, Any], fidelity: Optional[str]) -> Optional[str]:
+def resolve_fidelity(
+    config: Dict[str, Any], fidelity: Optional[str]
+) -> Optional[str]:
     """The fidelity name to evaluate, or a clear error listing the valid ones."""
     names = fidelity_names(config)
     if not names:
@@ -49,8 +55,9 @@ def resolve_fidelity(config: Dict[str, Any], fidelity: Optional[str]) -> Optiona
     return fidelity
 
 
-def set_fidelities(config: Dict[str, Any], fidelities: Sequence[str],
-                   mode: str) -> Dict[str, Any]:
+def set_fidelities(
+    config: Dict[str, Any], fidelities: Sequence[str], mode: str
+) -> Dict[str, Any]:
     """Write the fidelity keys into a sevenn config (in place; also returned)."""
     fidelities = list(fidelities)
     if len(set(fidelities)) != len(fidelities):
@@ -93,8 +100,9 @@ def fidelity_parameter_names(model: torch.nn.Module) -> List[str]:
     return names
 
 
-def convert_layer_mode(model: AtomGraphSequential, config: Dict[str, Any],
-                       mode: str) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
+def convert_layer_mode(
+    model: AtomGraphSequential, config: Dict[str, Any], mode: str
+) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
     """The same model with its fidelity layers in the other formulation."""
     config = copy.deepcopy(config)
     config[S.FIDELITY_LAYER_MODE] = mode
@@ -110,8 +118,9 @@ def convert_layer_mode(model: AtomGraphSequential, config: Dict[str, Any],
     return new_model, config
 
 
-def plain_config(config: Dict[str, Any], rescale: torch.nn.Module,
-                 fidelity: Optional[str]) -> Dict[str, Any]:
+def plain_config(
+    config: Dict[str, Any], rescale: torch.nn.Module, fidelity: Optional[str]
+) -> Dict[str, Any]:
     """The sevenn config of the single-fidelity model equal to ``fidelity``."""
     cfg = copy.deepcopy(config)
     if not fidelity_names(config):
@@ -135,8 +144,9 @@ def plain_config(config: Dict[str, Any], rescale: torch.nn.Module,
 
 
 @torch.no_grad()
-def fold(model: AtomGraphSequential, config: Dict[str, Any],
-         fidelity: Optional[str]) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
+def fold(
+    model: AtomGraphSequential, config: Dict[str, Any], fidelity: Optional[str]
+) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
     """A plain sevenn model (no sevenn_mf layers) equal to ``model`` at
     ``fidelity``; returns (model, its sevenn config)."""
     fidelity = resolve_fidelity(config, fidelity)

@@ -24,21 +24,25 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-import torch
-from torch.utils.data import ConcatDataset
-from torch_geometric.loader import DataLoader
-
 import sevenn._keys as KEY
 import sevenn.util as sevenn_util
+import torch
 from sevenn.logger import Logger
 from sevenn.scripts.processing_epoch import processing_epoch_v2
 from sevenn.train.trainer import Trainer
+from torch.utils.data import ConcatDataset
+from torch_geometric.loader import DataLoader
 
 from . import _sevenn as S
 from . import finetune
 from .checkpoint import atomic_torch_save
 from .data import graphs as G
-from .data.databases import DatabaseSpec, parse_databases, read_frames, validate_frames
+from .data.databases import (
+    DatabaseSpec,
+    parse_databases,
+    read_frames,
+    validate_frames,
+)
 from .data.references import as_univ_list, fit_reference_energies
 from .data.sampler import DatabaseSampler, ShardSampler
 from .data.store import force_sq_count
@@ -77,8 +81,11 @@ class TrainingData:
         out: List[Any] = []
         for db in self.databases:
             if fidelity is None or db.spec.fidelity == fidelity:
-                out.extend(db.train.summaries() if hasattr(db.train, 'summaries')
-                           else [summarize(g) for g in db.train])
+                out.extend(
+                    db.train.summaries()
+                    if hasattr(db.train, 'summaries')
+                    else [summarize(g) for g in db.train]
+                )
         return out
 
     def valid_sets(self) -> Dict[str, Any]:
@@ -89,7 +96,9 @@ class TrainingData:
             return sets
         sets['validset'] = everything
         for fid in self.fidelities:
-            gs = _concat([db.valid for db in self.databases if db.spec.fidelity == fid])
+            gs = _concat(
+                [db.valid for db in self.databases if db.spec.fidelity == fid]
+            )
             if len(gs):
                 sets[f'{fid}_validset'] = gs
         if len(self.databases) > len(self.fidelities):
@@ -108,7 +117,7 @@ def _concat(parts: List[Any]) -> Any:
     return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
 
-# ---- data ---------------------------------------------------------------------------
+# ---- data -------------------------------------------------------------------------
 def _species_of(frames_by_db) -> List[str]:
     from ase.data import chemical_symbols
 
@@ -119,8 +128,9 @@ def _species_of(frames_by_db) -> List[str]:
     return sorted(chemical_symbols[z] for z in numbers)
 
 
-def prepare_data(config: Dict[str, Any], working_dir: str,
-                 log=print) -> TrainingData:
+def prepare_data(
+    config: Dict[str, Any], working_dir: str, log=print
+) -> TrainingData:
     """Read, validate and graph all databases; fill the data-derived config
     (species, fidelities, references, scale, conv denominator). All input
     errors are raised here, before any model is built."""
@@ -152,32 +162,50 @@ def prepare_data(config: Dict[str, Any], working_dir: str,
             validate_frames(valid_frames[spec.name], species=known)
 
     if auto_species:
-        config.update(sevenn_util.chemical_species_preprocess(
-            _species_of({**frames_by_db, **valid_frames})))
+        config.update(
+            sevenn_util.chemical_species_preprocess(
+                _species_of({**frames_by_db, **valid_frames})
+            )
+        )
 
     _resolve_fidelities(config, specs)
 
     # 2. graphs
     cutoff = float(config[KEY.CUTOFF])
-    cache_dir = config.get('graph_cache_dir') or os.path.join(working_dir, 'graph_cache')
+    cache_dir = config.get('graph_cache_dir') or os.path.join(
+        working_dir, 'graph_cache'
+    )
     databases = []
     seed = int(config.get(KEY.RANDOM_SEED, 1))
     for spec in specs:
-        graphs = G.build_graphs(frames_by_db[spec.name], cutoff, spec.fidelity,
-                                spec.weight, cache_dir=cache_dir, desc=spec.name)
+        graphs = G.build_graphs(
+            frames_by_db[spec.name],
+            cutoff,
+            spec.fidelity,
+            spec.weight,
+            cache_dir=cache_dir,
+            desc=spec.name,
+        )
         db = Database(spec)
         role = getattr(spec, 'role', 'train')
         if role == 'valid':
             db.valid = graphs
         elif spec.name in valid_frames:
             db.train = graphs
-            db.valid = G.build_graphs(valid_frames[spec.name], cutoff, spec.fidelity,
-                                      spec.weight, cache_dir=cache_dir,
-                                      desc=f'{spec.name} (validation)')
+            db.valid = G.build_graphs(
+                valid_frames[spec.name],
+                cutoff,
+                spec.fidelity,
+                spec.weight,
+                cache_dir=cache_dir,
+                desc=f'{spec.name} (validation)',
+            )
         elif spec.validation and spec.validation.get('ratio'):
             db.train, db.valid = G.split_validation(
-                graphs, float(spec.validation['ratio']),
-                int(spec.validation.get('seed', seed)))
+                graphs,
+                float(spec.validation['ratio']),
+                int(spec.validation.get('seed', seed)),
+            )
         else:
             db.train = graphs
         databases.append(db)
@@ -196,7 +224,8 @@ def _resolve_fidelities(config: Dict[str, Any], specs: List[DatabaseSpec]) -> No
             if config.get(S.FIDELITIES):
                 raise ValueError(
                     f"database '{spec.name}' has fidelity '{spec.fidelity}', which "
-                    f"is not in model.fidelities ({', '.join(fids)})")
+                    f'is not in model.fidelities ({", ".join(fids)})'
+                )
             fids.append(spec.fidelity)
     set_fidelities(config, fids, config[S.FIDELITY_LAYER_MODE])
 
@@ -209,22 +238,31 @@ def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
     user_refs = config.get(S.REFERENCE_ENERGIES) or {}
     unknown = set(user_refs) - set(data.fidelities)
     if unknown:
-        raise ValueError(f'data.reference_energies names unknown fidelities '
-                         f'{sorted(unknown)} (fidelities: {data.fidelities})')
+        raise ValueError(
+            f'data.reference_energies names unknown fidelities '
+            f'{sorted(unknown)} (fidelities: {data.fidelities})'
+        )
     shift = config.get(KEY.SHIFT)
     if isinstance(shift, str):
         if shift != 'elemwise_reference_energies':
-            raise ValueError("sevenn_mf fits per-fidelity element references: use "
-                             "shift: elemwise_reference_energies, or give numbers")
+            raise ValueError(
+                'sevenn_mf fits per-fidelity element references: use '
+                'shift: elemwise_reference_energies, or give numbers'
+            )
         refs = {}
         for fid in data.fidelities:
             graphs = data.summaries(fid)
             fitted = fit_reference_energies(graphs, species) if graphs else {}
             fitted = {el: fitted.get(el, 0.0) for el in species}
-            fitted.update({k: float(v) for k, v in (user_refs.get(fid) or {}).items()})
+            fitted.update(
+                {k: float(v) for k, v in (user_refs.get(fid) or {}).items()}
+            )
             refs[fid] = fitted
-            log(f'reference energies ({fid}): ' + ', '.join(
-                f'{el} {e:.4f}' for el, e in fitted.items()) + ' eV')
+            log(
+                f'reference energies ({fid}): '
+                + ', '.join(f'{el} {e:.4f}' for el, e in fitted.items())
+                + ' eV'
+            )
         config[KEY.SHIFT] = {fid: as_univ_list(r) for fid, r in refs.items()}
         config[KEY.USE_MODAL_WISE_SHIFT] = True
     summaries = data.summaries()
@@ -247,15 +285,16 @@ def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
         n_edges = sum(s.n_edges for s in summaries)
         n_atoms = sum(s.n_atoms for s in summaries)
         avg = n_edges / max(n_atoms, 1)
-        config[KEY.CONV_DENOMINATOR] = float(avg if denom == 'avg_num_neigh'
-                                             else math.sqrt(avg))
+        config[KEY.CONV_DENOMINATOR] = float(
+            avg if denom == 'avg_num_neigh' else math.sqrt(avg)
+        )
     has_stress = any(s.stress_ok for s in summaries)
     if config.get(KEY.IS_TRAIN_STRESS, True) and not has_stress:
         log('no training structure has a stress label: stress is not trained')
         config[KEY.IS_TRAIN_STRESS] = False
 
 
-# ---- loaders --------------------------------------------------------------------------
+# ---- loaders ----------------------------------------------------------------------
 class NamedLoader:
     """A DataLoader that knows its name (per-fidelity metrics need it)."""
 
@@ -271,8 +310,9 @@ class NamedLoader:
         return len(self.loader)
 
 
-def make_loaders(data: TrainingData, config: Dict[str, Any],
-                 rank: int = 0, world_size: int = 1) -> Dict[str, NamedLoader]:
+def make_loaders(
+    data: TrainingData, config: Dict[str, Any], rank: int = 0, world_size: int = 1
+) -> Dict[str, NamedLoader]:
     batch = int(config[KEY.BATCH_SIZE])
     sampling = dict(config.get(S.SAMPLING) or {})
     train_dbs = [db for db in data.databases if db.train]
@@ -282,20 +322,28 @@ def make_loaders(data: TrainingData, config: Dict[str, Any],
         names=[db.spec.name for db in train_dbs],
         seed=int(config.get(KEY.RANDOM_SEED, 1)),
         shuffle=bool(config.get(KEY.TRAIN_SHUFFLE, True)),
-        num_replicas=world_size, rank=rank, **sampling,
+        num_replicas=world_size,
+        rank=rank,
+        **sampling,
     )
     train = _concat([db.train for db in train_dbs])
     extra = {}
     workers = int(config.get(KEY.NUM_WORKERS, 0) or 0)
     if workers > 0:  # e.g. with data.storage: lmdb, workers read the store
         extra = {'num_workers': workers, 'persistent_workers': True}
-    loaders = {'trainset': NamedLoader(
-        'trainset', DataLoader(train, batch_size=batch, sampler=sampler, **extra))}
+    loaders = {
+        'trainset': NamedLoader(
+            'trainset', DataLoader(train, batch_size=batch, sampler=sampler, **extra)
+        )
+    }
     for name, graphs in data.valid_sets().items():
         # under DDP each rank evaluates a disjoint shard; the errors are all-reduced
-        shard = ShardSampler(len(graphs), world_size, rank) if world_size > 1 else None
-        loaders[name] = NamedLoader(name, DataLoader(graphs, batch_size=batch,
-                                                     sampler=shard, **extra))
+        shard = (
+            ShardSampler(len(graphs), world_size, rank) if world_size > 1 else None
+        )
+        loaders[name] = NamedLoader(
+            name, DataLoader(graphs, batch_size=batch, sampler=shard, **extra)
+        )
     return loaders
 
 
@@ -303,8 +351,14 @@ def make_loaders(data: TrainingData, config: Dict[str, Any],
 class MFTrainer(Trainer):
     """sevenn's Trainer with resumable, atomic checkpoints and fidelity metrics."""
 
-    def setup_run(self, config: Dict[str, Any], working_dir: str, start_epoch: int,
-                  best_loader: Optional[str], best_value: float = math.inf) -> None:
+    def setup_run(
+        self,
+        config: Dict[str, Any],
+        working_dir: str,
+        start_epoch: int,
+        best_loader: Optional[str],
+        best_value: float = math.inf,
+    ) -> None:
         self.config = config
         self.working_dir = os.path.abspath(working_dir)
         self.epoch = start_epoch
@@ -341,9 +395,14 @@ class MFTrainer(Trainer):
         self.rank = torch.distributed.get_rank()
 
     # one call per loader per epoch (processing_epoch_v2)
-    def run_one_epoch(self, loader: Iterable, is_train: bool = False,
-                      error_recorder=None, memory_error_recorder=None,
-                      wrap_tqdm=False) -> None:
+    def run_one_epoch(
+        self,
+        loader: Iterable,
+        is_train: bool = False,
+        error_recorder=None,
+        memory_error_recorder=None,
+        wrap_tqdm=False,
+    ) -> None:
         name = getattr(loader, 'name', 'trainset' if is_train else 'validset')
         sampler = getattr(loader, 'sampler', None)
         if is_train and hasattr(sampler, 'set_epoch'):
@@ -352,13 +411,16 @@ class MFTrainer(Trainer):
         tee = _Tee(error_recorder, acc)
         bar = len(loader) if (self.progress and is_train) else False
         if self.distributed:
-            self._run_one_epoch_ddp(loader, is_train, tee, memory_error_recorder, bar)
+            self._run_one_epoch_ddp(
+                loader, is_train, tee, memory_error_recorder, bar
+            )
             if error_recorder is not None:
                 self.recorder_all_reduce(error_recorder)
             acc.all_reduce(self.device)
         else:
-            super().run_one_epoch(loader, is_train, tee, memory_error_recorder,
-                                  wrap_tqdm=bar)
+            super().run_one_epoch(
+                loader, is_train, tee, memory_error_recorder, wrap_tqdm=bar
+            )
         if name == self.best_loader and error_recorder is not None:
             cur = error_recorder.get_current()
             if self.best_metric in cur:
@@ -375,14 +437,16 @@ class MFTrainer(Trainer):
         try:
             if is_train:
                 with ddp.join(divide_by_initial_world_size=False):
-                    super().run_one_epoch(loader, True, tee, memory_error_recorder,
-                                          wrap_tqdm=bar)
+                    super().run_one_epoch(
+                        loader, True, tee, memory_error_recorder, wrap_tqdm=bar
+                    )
                 if _uneven_steps(loader):
                     self._sync_from_rank0()
             else:
                 self.model = ddp.module
-                super().run_one_epoch(loader, False, tee, memory_error_recorder,
-                                      wrap_tqdm=bar)
+                super().run_one_epoch(
+                    loader, False, tee, memory_error_recorder, wrap_tqdm=bar
+                )
         finally:
             self.model = ddp
             self.distributed = True
@@ -422,13 +486,18 @@ class MFTrainer(Trainer):
             self.best_value = self._epoch_best_candidate
         cp = self.get_checkpoint_dict()
         cp.update(extra)
-        cp['sevenn_mf'] = {'best_value': self.best_value, 'best_loader': self.best_loader}
+        cp['sevenn_mf'] = {
+            'best_value': self.best_value,
+            'best_loader': self.best_loader,
+        }
         d = os.path.dirname(path)
         m = _NUMBERED.search(base)
         if m:
             atomic_torch_save(cp, os.path.join(d, LAST))
             total = int(self.config.get(KEY.EPOCH, epoch))
-            if epoch == 0 or not (epoch % self.user_per_epoch == 0 or epoch == total):
+            if epoch == 0 or not (
+                epoch % self.user_per_epoch == 0 or epoch == total
+            ):
                 return
         atomic_torch_save(cp, path)
 
@@ -443,8 +512,10 @@ def _uneven_steps(loader) -> bool:
         return False
     if sampler.mode != 'proportional':
         return False  # padded: equal steps by construction
-    steps = {math.ceil(len(range(r, sampler.epoch_length, sampler.num_replicas)) / batch)
-             for r in range(sampler.num_replicas)}
+    steps = {
+        math.ceil(len(range(r, sampler.epoch_length, sampler.num_replicas)) / batch)
+        for r in range(sampler.num_replicas)
+    }
     return len(steps) > 1
 
 
@@ -471,8 +542,10 @@ def init_distributed(config: Dict[str, Any]) -> Tuple[int, int]:
 
     if not dist.is_initialized():
         if 'RANK' not in os.environ:
-            raise ValueError('distributed training needs a launcher that sets RANK, '
-                             'WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun)')
+            raise ValueError(
+                'distributed training needs a launcher that sets RANK, '
+                'WORLD_SIZE, MASTER_ADDR and MASTER_PORT (torchrun)'
+            )
         local_rank = int(os.environ.get('LOCAL_RANK', '0'))
         device = str(config.get(KEY.DEVICE, 'auto'))
         cuda = torch.cuda.is_available() and not device.startswith('cpu')
@@ -487,7 +560,9 @@ def init_distributed(config: Dict[str, Any]) -> Tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _prepare_data_once(config, working_dir, log, rank: int, world: int) -> TrainingData:
+def _prepare_data_once(
+    config, working_dir, log, rank: int, world: int
+) -> TrainingData:
     """Rank 0 reads the data and builds graph caches / stores; the other
     ranks then load them (no concurrent builds). A data error on rank 0
     stops every rank."""
@@ -547,11 +622,15 @@ def _best_loader(config: Dict[str, Any], loaders: Dict[str, Any]) -> Optional[st
     target = config.get(S.BEST_FIDELITY)
     if target:
         if target not in config[S.FIDELITIES]:
-            raise ValueError(f"train.best_fidelity '{target}' is not a fidelity "
-                             f"({', '.join(config[S.FIDELITIES])})")
+            raise ValueError(
+                f"train.best_fidelity '{target}' is not a fidelity "
+                f'({", ".join(config[S.FIDELITIES])})'
+            )
         name = f'{target}_validset'
         if name not in loaders:
-            raise ValueError(f"train.best_fidelity '{target}' has no validation data")
+            raise ValueError(
+                f"train.best_fidelity '{target}' has no validation data"
+            )
         return name
     return 'validset' if 'validset' in loaders else None
 
@@ -567,8 +646,12 @@ def _logger_for(path: str, screen: bool, rank: int) -> Logger:
     return logger
 
 
-def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
-          screen: bool = True) -> str:
+def train(
+    config: Dict[str, Any],
+    working_dir: str,
+    resume: bool = False,
+    screen: bool = True,
+) -> str:
     """Train; returns the path of the best (or last) checkpoint."""
     working_dir = os.path.abspath(working_dir)
     os.makedirs(working_dir, exist_ok=True)
@@ -578,17 +661,22 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
     if not resume and os.path.isfile(last):
         raise FileExistsError(
             f'{working_dir} already holds a run ({LAST}); use --resume to continue '
-            'it or choose another working directory')
+            'it or choose another working directory'
+        )
     seed = int(config.get(KEY.RANDOM_SEED, 1))
     torch.manual_seed(seed)
     np.random.seed(seed)
     config = dict(config)
     rank, world = init_distributed(config)
 
-    with _logger_for(os.path.join(working_dir, 'log.sevenn_mf'), screen, rank) as logger:
+    with _logger_for(
+        os.path.join(working_dir, 'log.sevenn_mf'), screen, rank
+    ) as logger:
         logger.greeting()
         pretrained = None
-        if config.get(S.PRETRAINED):  # fine-tuning: the model comes from a checkpoint
+        if config.get(
+            S.PRETRAINED
+        ):  # fine-tuning: the model comes from a checkpoint
             pretrained = finetune.load_pretrained(config, log=logger.writeline)
             config = pretrained[1]
         data = _prepare_data_once(config, working_dir, logger.writeline, rank, world)
@@ -597,14 +685,17 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
         loaders = make_loaders(data, config, rank=rank, world_size=world)
         logger.writeline(_data_summary(data))
         if world > 1:
-            logger.writeline(f'distributed data parallel: {world} processes '
-                             f'({config[KEY.DDP_BACKEND]}), per-rank batch '
-                             f'{config[KEY.BATCH_SIZE]}, global batch '
-                             f'{world * int(config[KEY.BATCH_SIZE])}')
+            logger.writeline(
+                f'distributed data parallel: {world} processes '
+                f'({config[KEY.DDP_BACKEND]}), per-rank batch '
+                f'{config[KEY.BATCH_SIZE]}, global batch '
+                f'{world * int(config[KEY.BATCH_SIZE])}'
+            )
 
         if pretrained is not None:
-            model = finetune.finetune_model(pretrained[0], config, data, pretrained[2],
-                                            log=logger.writeline)
+            model = finetune.finetune_model(
+                pretrained[0], config, data, pretrained[2], log=logger.writeline
+            )
         else:
             model = build_model(config)
         if config.get(S.FREEZE_SHARED):
@@ -617,8 +708,12 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
         start_epoch, best_value = 1, math.inf
         if resume:
             cp = torch.load(last, map_location='cpu', weights_only=False)
-            trainer.load_state_dicts(cp['model_state_dict'], cp['optimizer_state_dict'],
-                                     cp['scheduler_state_dict'], strict=True)
+            trainer.load_state_dicts(
+                cp['model_state_dict'],
+                cp['optimizer_state_dict'],
+                cp['scheduler_state_dict'],
+                strict=True,
+            )
             start_epoch = int(cp['epoch']) + 1
             best_value = float(cp.get('sevenn_mf', {}).get('best_value', math.inf))
             logger.writeline(f'resuming from epoch {cp["epoch"]} ({last})')
@@ -627,8 +722,12 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
         total = int(config[KEY.EPOCH])
         if start_epoch <= total:
             processing_epoch_v2(
-                config, trainer, loaders, start_epoch=start_epoch,
-                best_metric_loader_key=best_loader or 'validset', per_epoch=1,
+                config,
+                trainer,
+                loaders,
+                start_epoch=start_epoch,
+                best_metric_loader_key=best_loader or 'validset',
+                per_epoch=1,
                 working_dir=working_dir,
             )
     if world > 1:
@@ -643,6 +742,8 @@ def train(config: Dict[str, Any], working_dir: str, resume: bool = False,
 def _data_summary(data: TrainingData) -> str:
     rows = ['databases:']
     for db in data.databases:
-        rows.append(f'  {db.spec.name:<24} fidelity {db.spec.fidelity:<10} '
-                    f'train {len(db.train):>6}  valid {len(db.valid):>6}')
+        rows.append(
+            f'  {db.spec.name:<24} fidelity {db.spec.fidelity:<10} '
+            f'train {len(db.train):>6}  valid {len(db.valid):>6}'
+        )
     return '\n'.join(rows)

@@ -19,8 +19,10 @@ def shared_dir() -> Path:
 def shared_data():
     d = shared_dir() / 'data'
     if not d.is_dir():
-        pytest.skip(f'shared datasets not found at {d}: set SEVENN_MF_SHARED to the '
-                    'folder holding data/ingan and data/ethanol')
+        pytest.skip(
+            f'shared datasets not found at {d}: set SEVENN_MF_SHARED to the '
+            'folder holding data/ingan and data/ethanol'
+        )
     return d
 
 

@@ -3,41 +3,64 @@
 import copy
 
 import numpy as np
-import torch
-
 import sevenn._keys as KEY
 import sevenn.util as sevenn_util
+import torch
+from sevenn._const import NUM_UNIV_ELEMENT as NUM_UNIV
 
 import sevenn_mf  # noqa: F401  (installs the hooks)
 from sevenn_mf.config import config_from_dict
 from sevenn_mf.model import build_model, set_fidelities
 
-from sevenn._const import NUM_UNIV_ELEMENT as NUM_UNIV
-
 FIDS = ['pbe', 'r2scan']
 
 
-def small_config(mode='onehot', fidelities=FIDS, species=('Ga', 'In', 'N'), channel=8,
-                 lmax=2, layers=2, all_positions=False):
+def small_config(
+    mode='onehot',
+    fidelities=FIDS,
+    species=('Ga', 'In', 'N'),
+    channel=8,
+    lmax=2,
+    layers=2,
+    all_positions=False,
+):
     raw = {
         'model': {
-            'chemical_species': list(species), 'cutoff': 4.5, 'channel': channel,
-            'lmax': lmax, 'num_convolution_layer': layers, 'is_parity': False,
+            'chemical_species': list(species),
+            'cutoff': 4.5,
+            'channel': channel,
+            'lmax': lmax,
+            'num_convolution_layer': layers,
+            'is_parity': False,
             'weight_nn_hidden_neurons': [16, 16],
             'fidelity_layer_mode': mode,
         },
         'train': {'epoch': 1},
-        'data': {'databases': [{'name': f, 'fidelity': f, 'files': 'x'} for f in fidelities]},
+        'data': {
+            'databases': [
+                {'name': f, 'fidelity': f, 'files': 'x'} for f in fidelities
+            ]
+        },
     }
     if all_positions:
-        raw['model'].update({k: True for k in (
-            'use_modal_node_embedding', 'use_modal_self_inter_intro',
-            'use_modal_self_inter_outro', 'use_modal_output_block')})
+        raw['model'].update(
+            {
+                k: True
+                for k in (
+                    'use_modal_node_embedding',
+                    'use_modal_self_inter_intro',
+                    'use_modal_self_inter_outro',
+                    'use_modal_output_block',
+                )
+            }
+        )
     cfg = config_from_dict(raw)
     cfg.update(sevenn_util.chemical_species_preprocess(list(species)))
     set_fidelities(cfg, fidelities, mode)
     n = len(fidelities)
-    cfg[KEY.SHIFT] = {f: [float(-i - 1)] * NUM_UNIV for i, f in enumerate(fidelities)}
+    cfg[KEY.SHIFT] = {
+        f: [float(-i - 1)] * NUM_UNIV for i, f in enumerate(fidelities)
+    }
     cfg[KEY.SCALE] = 1.3
     cfg[KEY.CONV_DENOMINATOR] = 12.0
     cfg[KEY.USE_MODAL_WISE_SHIFT] = True
@@ -62,7 +85,6 @@ def calc_results(model, atoms, fidelity):
     sevenn's calculator casts inputs to float32; float64 checks need this path.
     """
     from ase.stress import voigt_6_to_full_3x3_stress
-
     from sevenn.atom_graph_data import AtomGraphData
     from sevenn.train.dataload import unlabeled_atoms_to_graph
 
@@ -71,8 +93,10 @@ def calc_results(model, atoms, fidelity):
     m.set_is_batch_data(False)
     m.eval()
     if dtype != torch.float32:  # sevenn's one-hot embedding is always float32
+
         def _cast(mod, inputs):
             inputs[0][KEY.NODE_FEATURE] = inputs[0][KEY.NODE_FEATURE].to(dtype)
+
         m._modules['onehot_to_feature_x'].register_forward_pre_hook(_cast)
     raw = unlabeled_atoms_to_graph(atoms, m.cutoff)
     data = AtomGraphData.from_numpy_dict(dict(raw))  # it converts the dict in place
@@ -84,5 +108,11 @@ def calc_results(model, atoms, fidelity):
     out = m(data)
     e = float(out[KEY.PRED_TOTAL_ENERGY].detach())
     f = out[KEY.PRED_FORCE].detach().double().numpy()
-    s = (-out[KEY.PRED_STRESS]).detach().double().numpy().reshape(-1)[[0, 1, 2, 4, 5, 3]]
+    s = (
+        (-out[KEY.PRED_STRESS])
+        .detach()
+        .double()
+        .numpy()
+        .reshape(-1)[[0, 1, 2, 4, 5, 3]]
+    )
     return e, f, voigt_6_to_full_3x3_stress(s)

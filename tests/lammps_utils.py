@@ -78,7 +78,7 @@ def _lmp_env(env: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lmp_help(lmp: str) -> Optional[str]:
     try:
         res = subprocess.run(
@@ -150,7 +150,7 @@ def find_lmp(kind: str = 'serial') -> Optional[str]:
             warnings.warn(
                 f'{ENV_VARS[kind]}={env_path} is not a usable LAMMPS for '
                 f'{kind} SevenNet runs (`lmp -h` must list '
-                f"{'e3gnn/parallel in an MPI build' if kind == 'mpi' else 'e3gnn'})",
+                f'{"e3gnn/parallel in an MPI build" if kind == "mpi" else "e3gnn"})',
                 stacklevel=2,
             )
     return None
@@ -188,8 +188,11 @@ def _mpirun_cmd(nprocs: int) -> List[str]:
         ver = ''
     if 'Open MPI' in ver or 'OpenRTE' in ver:
         return [
-            mpirun, '--allow-run-as-root', '--oversubscribe',
-            '-np', str(nprocs),
+            mpirun,
+            '--allow-run-as-root',
+            '--oversubscribe',
+            '-np',
+            str(nprocs),
         ]
     return [mpirun, '-n', str(nprocs)]
 
@@ -228,8 +231,7 @@ def run_lammps(
             cmd,
             cwd=workdir,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
             timeout=timeout,
             env=run_env,

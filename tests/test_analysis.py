@@ -11,50 +11,70 @@ import pytest
 import yaml
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
-
 from conftest import QUICKSTART_DATA
-from sevenn_mf.analysis.delta import (DeltaPairingError, difference_atoms,
-                                      pair_frames)
-from sevenn_mf.analysis.hull import (compare, end_member_references,
-                                     energies_above_hull, formula_units,
-                                     mixing_energies)
+
+from sevenn_mf.analysis.delta import DeltaPairingError, difference_atoms, pair_frames
+from sevenn_mf.analysis.hull import (
+    compare,
+    end_member_references,
+    energies_above_hull,
+    formula_units,
+    mixing_energies,
+)
 from sevenn_mf.data.databases import Frame
 
 TINY_MODEL = {
-    'chemical_species': 'auto', 'cutoff': 4.0, 'channel': 4, 'lmax': 1,
-    'num_convolution_layer': 1, 'is_parity': False,
+    'chemical_species': 'auto',
+    'cutoff': 4.0,
+    'channel': 4,
+    'lmax': 1,
+    'num_convolution_layer': 1,
+    'is_parity': False,
     'weight_nn_hidden_neurons': [8],
     'radial_basis': {'radial_basis_name': 'bessel', 'bessel_basis_num': 4},
 }
 
 
-# ---- mixing energy ------------------------------------------------------------------
+# ---- mixing energy ----------------------------------------------------------------
 def test_mixing_energy_known_answer():
     # end members per formula unit: GaN -10 eV, InN -8 eV
     refs = {'GaN': -10.0, 'InN': -8.0}
-    comps = [{'Ga': 2, 'In': 2, 'N': 4}, {'Ga': 3, 'In': 1, 'N': 4},
-             {'Ga': 4, 'N': 4}]
-    energies = [2 * -10 + 2 * -8 + 0.8,  # +0.8 eV over 8 atoms / 4 f.u.
-                3 * -10 + 1 * -8 - 0.4,  # below the tie line
-                4 * -10]
+    comps = [
+        {'Ga': 2, 'In': 2, 'N': 4},
+        {'Ga': 3, 'In': 1, 'N': 4},
+        {'Ga': 4, 'N': 4},
+    ]
+    energies = [
+        2 * -10 + 2 * -8 + 0.8,  # +0.8 eV over 8 atoms / 4 f.u.
+        3 * -10 + 1 * -8 - 0.4,  # below the tie line
+        4 * -10,
+    ]
     per_atom, per_fu, frac = mixing_energies(energies, comps, refs)
     assert per_atom == pytest.approx([0.1, -0.05, 0.0])
     assert per_fu == pytest.approx([0.2, -0.1, 0.0])
     assert frac[1] == pytest.approx([0.75, 0.25])
-    assert formula_units({'Ga': 3, 'In': 1, 'N': 4}, ['GaN', 'InN']) == \
-        pytest.approx([3, 1])
+    assert formula_units(
+        {'Ga': 3, 'In': 1, 'N': 4}, ['GaN', 'InN']
+    ) == pytest.approx([3, 1])
     with pytest.raises(ValueError, match='not a combination'):
         formula_units({'Ga': 2, 'N': 1}, ['GaN', 'InN'])
 
 
 def test_end_member_choice_and_statistics():
-    comps = [{'Ga': 4, 'N': 4}, {'Ga': 4, 'N': 4}, {'In': 2, 'N': 2},
-             {'Ga': 2, 'In': 2, 'N': 4}]
+    comps = [
+        {'Ga': 4, 'N': 4},
+        {'Ga': 4, 'N': 4},
+        {'In': 2, 'N': 2},
+        {'Ga': 2, 'In': 2, 'N': 4},
+    ]
     ref = np.array([-40.0, -40.4, -16.2, -36.0])  # lowest GaN: #1 (-10.1 / f.u.)
     pred = np.array([-40.2, -40.0, -16.0, -35.0])
     lowest = end_member_references(comps, ref, pred, ['GaN', 'InN'], 'lowest')
-    assert lowest['GaN'] == {'ref': pytest.approx(-10.1), 'pred': pytest.approx(-10.0),
-                             'indices': [1]}  # same structure on both sides
+    assert lowest['GaN'] == {
+        'ref': pytest.approx(-10.1),
+        'pred': pytest.approx(-10.0),
+        'indices': [1],
+    }  # same structure on both sides
     assert lowest['InN']['ref'] == pytest.approx(-8.1)
     mean = end_member_references(comps, ref, pred, ['GaN', 'InN'], 'mean')
     assert mean['GaN']['ref'] == pytest.approx(-10.05)
@@ -65,7 +85,7 @@ def test_end_member_choice_and_statistics():
     assert s['r2'] == pytest.approx(1 - 2 / (24 / 9))
 
 
-# ---- energy above hull (pymatgen) -----------------------------------------------------
+# ---- energy above hull (pymatgen) -------------------------------------------------
 def test_hull_elemental_known_answer():
     pytest.importorskip('pymatgen')
     # Ga and N at 0 eV/atom, GaN at -1 eV/atom; Ga3N at -0.25 eV/atom lies
@@ -80,8 +100,13 @@ def test_hull_elemental_known_answer():
 
 def test_hull_compound_known_answer():
     pytest.importorskip('pymatgen')
-    comps = [{'Ga': 1, 'N': 1}, {'In': 1, 'N': 1}, {'Ga': 2, 'In': 2, 'N': 4},
-             {'Ga': 3, 'In': 1, 'N': 4}, {'Ga': 1, 'In': 3, 'N': 4}]
+    comps = [
+        {'Ga': 1, 'N': 1},
+        {'In': 1, 'N': 1},
+        {'Ga': 2, 'In': 2, 'N': 4},
+        {'Ga': 3, 'In': 1, 'N': 4},
+        {'Ga': 1, 'In': 3, 'N': 4},
+    ]
     # GaN -10 / f.u., InN -8 / f.u.; alloys +0.8, +0.4, -0.8 eV from the
     # GaN-InN tie line. The last one (x = 0.75) is below it, so the hull is
     # GaN -- Ga1In3N4 -- InN and the other two are measured from its first leg
@@ -96,7 +121,7 @@ def test_hull_compound_known_answer():
     assert eh[1] == pytest.approx(0.0, abs=1e-9)  # a terminal
 
 
-# ---- Delta pairing -----------------------------------------------------------------
+# ---- Delta pairing ----------------------------------------------------------------
 def _frame(atoms, energy, forces=None, where='x', **info):
     a = atoms.copy()
     a.info.clear()
@@ -119,13 +144,20 @@ def cell():
 
 def test_delta_pairing_and_differences(cell):
     f = np.ones((len(cell), 3))
-    hf = [_frame(cell, -10.0, 2 * f, set='s', index=0),
-          _frame(cell, -11.0, None, set='s', index=1)]  # energy only
-    lf = [_frame(cell, -4.0, f, set='s', index=1), _frame(cell, -3.0, f, set='s', index=0),
-          _frame(cell, -5.0, f, set='s', index=7)]  # extra LF structures are fine
+    hf = [
+        _frame(cell, -10.0, 2 * f, set='s', index=0),
+        _frame(cell, -11.0, None, set='s', index=1),
+    ]  # energy only
+    lf = [
+        _frame(cell, -4.0, f, set='s', index=1),
+        _frame(cell, -3.0, f, set='s', index=0),
+        _frame(cell, -5.0, f, set='s', index=7),
+    ]  # extra LF structures are fine
     pairs = pair_frames(hf, lf)
-    assert [(p[0].atoms.info['index'], p[1].energy) for p in pairs] == [(0, -3.0),
-                                                                         (1, -4.0)]
+    assert [(p[0].atoms.info['index'], p[1].energy) for p in pairs] == [
+        (0, -3.0),
+        (1, -4.0),
+    ]
     diff = difference_atoms(pairs)
     assert diff[0].get_potential_energy() == pytest.approx(-7.0)
     assert diff[0].get_forces() == pytest.approx(f)
@@ -134,11 +166,16 @@ def test_delta_pairing_and_differences(cell):
 
 
 def test_delta_pairing_errors(cell):
-    hf = [_frame(cell, -10.0, set='s', index=0, where='hf.extxyz'),
-          _frame(cell, -10.0, set='s', index=3, where='hf.extxyz')]
+    hf = [
+        _frame(cell, -10.0, set='s', index=0, where='hf.extxyz'),
+        _frame(cell, -10.0, set='s', index=3, where='hf.extxyz'),
+    ]
     lf = [_frame(cell, -3.0, set='s', index=0)]
-    with pytest.raises(DeltaPairingError, match=r'1 HF structure\(s\) have no LF label'
-                       r'.*hf.extxyz.*index=3'):
+    with pytest.raises(
+        DeltaPairingError,
+        match=r'1 HF structure\(s\) have no LF label'
+        r'.*hf.extxyz.*index=3',
+    ):
         pair_frames(hf, lf)
     with pytest.raises(DeltaPairingError, match='no set / index'):
         pair_frames([_frame(cell, -1.0)], lf)
@@ -153,15 +190,26 @@ def test_delta_pairing_errors(cell):
         pair_frames(hf[:1], other)
 
 
-# ---- training through the methods ------------------------------------------------------
+# ---- training through the methods -------------------------------------------------
 def _train_section(epochs):
-    return {'random_seed': 1, 'epoch': epochs, 'per_epoch': 100,
-            'optimizer': 'adam', 'optim_param': {'lr': 0.01},
-            'scheduler': 'linearlr',
-            'scheduler_param': {'start_factor': 1.0, 'end_factor': 0.5,
-                                'total_iters': epochs},
-            'loss': 'mse', 'force_loss_weight': 0.1, 'stress_loss_weight': 1e-4,
-            'best_fidelity': 'r2scan', 'device': 'cpu'}
+    return {
+        'random_seed': 1,
+        'epoch': epochs,
+        'per_epoch': 100,
+        'optimizer': 'adam',
+        'optim_param': {'lr': 0.01},
+        'scheduler': 'linearlr',
+        'scheduler_param': {
+            'start_factor': 1.0,
+            'end_factor': 0.5,
+            'total_iters': epochs,
+        },
+        'loss': 'mse',
+        'force_loss_weight': 0.1,
+        'stress_loss_weight': 1e-4,
+        'best_fidelity': 'r2scan',
+        'device': 'cpu',
+    }
 
 
 def _methods_yaml(tmp_path, epochs=1, **train_extra):
@@ -175,19 +223,38 @@ def _methods_yaml(tmp_path, epochs=1, **train_extra):
     for a in r2:
         b = a.copy()
         b.info = {'set': a.info['set'], 'index': a.info['index'], 'fidelity': 'pbe'}
-        b.calc = SinglePointCalculator(b, energy=a.get_potential_energy() + 0.5 * len(a),
-                                       forces=0.9 * a.get_forces())
+        b.calc = SinglePointCalculator(
+            b,
+            energy=a.get_potential_energy() + 0.5 * len(a),
+            forces=0.9 * a.get_forces(),
+        )
         paired.append(b)
     write(tmp_path / 'r2scan_at_pbe.extxyz', paired)
     raw = {
         'model': dict(TINY_MODEL),
-        'train': dict(_train_section(epochs), hf_fidelity='r2scan',
-                      delta={'paired_files': 'r2scan_at_pbe.extxyz'}, **train_extra),
-        'data': {'batch_size': 4, 'databases': [
-            {'name': 'lf', 'fidelity': 'pbe', 'files': 'pbe.extxyz',
-             'validation': {'ratio': 0.25, 'seed': 1}},
-            {'name': 'hf', 'fidelity': 'r2scan', 'files': 'r2scan.extxyz',
-             'validation': {'ratio': 0.25, 'seed': 1}}]},
+        'train': dict(
+            _train_section(epochs),
+            hf_fidelity='r2scan',
+            delta={'paired_files': 'r2scan_at_pbe.extxyz'},
+            **train_extra,
+        ),
+        'data': {
+            'batch_size': 4,
+            'databases': [
+                {
+                    'name': 'lf',
+                    'fidelity': 'pbe',
+                    'files': 'pbe.extxyz',
+                    'validation': {'ratio': 0.25, 'seed': 1},
+                },
+                {
+                    'name': 'hf',
+                    'fidelity': 'r2scan',
+                    'files': 'r2scan.extxyz',
+                    'validation': {'ratio': 0.25, 'seed': 1},
+                },
+            ],
+        },
     }
     path = tmp_path / 'methods.yaml'
     path.write_text(yaml.safe_dump(raw))
@@ -196,7 +263,11 @@ def _methods_yaml(tmp_path, epochs=1, **train_extra):
 
 def test_delta_method_sum_calculator_and_one_deployed_file(tmp_path, cell):
     from sevenn_mf import SevenNetMFCalculator
-    from sevenn_mf.analysis.delta import DeltaCalculator, deploy_sum, evaluate_deployed
+    from sevenn_mf.analysis.delta import (
+        DeltaCalculator,
+        deploy_sum,
+        evaluate_deployed,
+    )
     from sevenn_mf.cli import main
 
     path = _methods_yaml(tmp_path)
@@ -232,10 +303,18 @@ def test_learning_curve_resumable(tmp_path):
     from sevenn_mf.analysis.learning_curve import RESULTS, run_learning_curve
 
     _methods_yaml(tmp_path, epochs=1)
-    write(tmp_path / 'test.extxyz', read(QUICKSTART_DATA / 'r2scan_test_x0.5.extxyz', ':4'))
-    spec = {'input': 'methods.yaml', 'methods': ['mf-onehot'], 'hf_sizes': [4],
-            'seeds': [2], 'test': {'files': ['test.extxyz']},
-            'mixing': {'end_members': ['r2scan.extxyz']}}
+    write(
+        tmp_path / 'test.extxyz',
+        read(QUICKSTART_DATA / 'r2scan_test_x0.5.extxyz', ':4'),
+    )
+    spec = {
+        'input': 'methods.yaml',
+        'methods': ['mf-onehot'],
+        'hf_sizes': [4],
+        'seeds': [2],
+        'test': {'files': ['test.extxyz']},
+        'mixing': {'end_members': ['r2scan.extxyz']},
+    }
     spec_path = tmp_path / 'lc.yaml'
     spec_path.write_text(yaml.safe_dump(spec))
     out = tmp_path / 'lc'
@@ -302,8 +381,13 @@ def test_deployed_delta_sum_in_lammps(tmp_path, cell):
     if lmp is None:
         pytest.skip('no LAMMPS with pair_style e3gnn (scripts/build_lammps.sh)')
     path = _methods_yaml(tmp_path)
-    res = run_method(read_method_input(str(path)), 'delta', str(tmp_path / 'd'),
-                     screen=False, log=lambda s: None)
+    res = run_method(
+        read_method_input(str(path)),
+        'delta',
+        str(tmp_path / 'd'),
+        screen=False,
+        log=lambda s: None,
+    )
     pt = deploy_sum(res.parts, str(tmp_path / 'sum.pt'))
     species = ['Ga', 'In', 'N']
     atoms = cell.repeat((2, 1, 1))
@@ -311,7 +395,9 @@ def test_deployed_delta_sum_in_lammps(tmp_path, cell):
     write(data, atoms, format='lammps-data', specorder=species, masses=True)
     back = read(data, format='lammps-data', Z_of_type={1: 31, 2: 49, 3: 7})
     back.pbc = True
-    out = run_lammps(lmp, f"""
+    out = run_lammps(
+        lmp,
+        f"""
 units metal
 atom_style atomic
 boundary p p p
@@ -321,8 +407,12 @@ pair_coeff * * {pt} {' '.join(species)}
 thermo_style custom step pe
 thermo_modify format float %20.10f
 run 0
-""", tmp_path)
-    back.calc = DeltaCalculator(res.parts[0][0], res.parts[0][1],
-                                res.parts[1][0], res.parts[1][1])
+""",
+        tmp_path,
+    )
+    back.calc = DeltaCalculator(
+        res.parts[0][0], res.parts[0][1], res.parts[1][0], res.parts[1][1]
+    )
     assert thermo_table(out)[-1]['PotEng'] == pytest.approx(
-        back.get_potential_energy(), abs=1e-4 * len(back))
+        back.get_potential_energy(), abs=1e-4 * len(back)
+    )

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 from ase.io import read
-
 from conftest import QUICKSTART_DATA
 from helpers import FIDS, perturbed_model, small_config
+
 from sevenn_mf import SevenNetMFCalculator
 from sevenn_mf.checkpoint import save_checkpoint
 from sevenn_mf.cli import main
@@ -19,7 +19,9 @@ from sevenn_mf.cli import main
 @pytest.fixture(scope='module')
 def onehot_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp('cli') / 'mf.pth'
-    save_checkpoint(path, perturbed_model(small_config('onehot'), seed=2), small_config('onehot'))
+    save_checkpoint(
+        path, perturbed_model(small_config('onehot'), seed=2), small_config('onehot')
+    )
     return path
 
 
@@ -34,8 +36,19 @@ def test_info_and_fidelities(capsys, onehot_ckpt):
 
 
 def test_errors_are_reported_not_raised(capsys, onehot_ckpt, tmp_path):
-    assert main(['deploy', str(onehot_ckpt), '--fidelity', 'HSE',
-                 '-o', str(tmp_path / 'x.pt')]) == 2
+    assert (
+        main(
+            [
+                'deploy',
+                str(onehot_ckpt),
+                '--fidelity',
+                'HSE',
+                '-o',
+                str(tmp_path / 'x.pt'),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "unknown fidelity 'HSE'" in err and 'pbe, r2scan' in err
     assert main(['info', 'no-such-model']) == 2
@@ -45,8 +58,20 @@ def test_errors_are_reported_not_raised(capsys, onehot_ckpt, tmp_path):
 def test_evaluate_writes_csv_and_parity_plot(onehot_ckpt, tmp_path, capsys):
     test_file = QUICKSTART_DATA / 'r2scan_test_x0.5.extxyz'
     out = tmp_path / 'eval'
-    assert main(['evaluate', str(onehot_ckpt), str(test_file), '--fidelity', 'r2scan',
-                 '-o', str(out)]) == 0
+    assert (
+        main(
+            [
+                'evaluate',
+                str(onehot_ckpt),
+                str(test_file),
+                '--fidelity',
+                'r2scan',
+                '-o',
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert (out / 'parity.png').stat().st_size > 10_000
     with open(out / 'per_structure.csv') as f:
         rows = list(csv.DictReader(f))
@@ -85,8 +110,11 @@ for fid in {FIDS!r}:
 assert 'sevenn_mf' not in sys.modules
 print(json.dumps(res))
 """
-    res = json.loads(subprocess.run([sys.executable, '-c', code], check=True,
-                                    capture_output=True, text=True).stdout)
+    res = json.loads(
+        subprocess.run(
+            [sys.executable, '-c', code], check=True, capture_output=True, text=True
+        ).stdout
+    )
     for fid in FIDS:
         a = ingan_frames[4].copy()
         a.calc = SevenNetMFCalculator(onehot_ckpt, fidelity=fid)
@@ -97,14 +125,28 @@ print(json.dumps(res))
 def test_sevenn_inference_on_exported_plain(onehot_ckpt, tmp_path, ingan_frames):
     """sevenn's own `sevenn inference` on the exported plain checkpoint."""
     plain = tmp_path / 'plain.pth'
-    assert main(['export', str(onehot_ckpt), '--fidelity', 'pbe', '-o', str(plain)]) == 0
+    assert (
+        main(['export', str(onehot_ckpt), '--fidelity', 'pbe', '-o', str(plain)])
+        == 0
+    )
     struct = tmp_path / 's.extxyz'
     from ase.io import write
 
     write(struct, ingan_frames[:2])
-    subprocess.run(['sevenn', 'inference', str(plain), str(struct), '-o',
-                    str(tmp_path / 'inf'), '--device', 'cpu'], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            'sevenn',
+            'inference',
+            str(plain),
+            str(struct),
+            '-o',
+            str(tmp_path / 'inf'),
+            '--device',
+            'cpu',
+        ],
+        check=True,
+        capture_output=True,
+    )
     with open(tmp_path / 'inf' / 'per_graph.csv') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2
@@ -112,4 +154,5 @@ def test_sevenn_inference_on_exported_plain(onehot_ckpt, tmp_path, ingan_frames)
         a = a.copy()
         a.calc = SevenNetMFCalculator(onehot_ckpt, fidelity='pbe')
         assert float(row['inferred_total_energy']) == pytest.approx(
-            a.get_potential_energy(), abs=1e-4)
+            a.get_potential_energy(), abs=1e-4
+        )

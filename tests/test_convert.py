@@ -9,16 +9,15 @@ import os
 
 import numpy as np
 import pytest
+import sevenn._keys as KEY
 import torch
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
-
-import sevenn._keys as KEY
+from conftest import QUICKSTART_DATA, REPO
+from helpers import calc_results, perturbed_model, small_config
 from sevenn.calculator import SevenNetCalculator
 from sevenn.model_build import build_E3_equivariant_model
 
-from conftest import QUICKSTART_DATA, REPO
-from helpers import calc_results, perturbed_model, small_config
 from sevenn_mf import Checkpoint
 from sevenn_mf.checkpoint import CheckpointError, save_checkpoint
 from sevenn_mf.cli import main as cli_main
@@ -46,8 +45,9 @@ def _assert_same(res, ref):
 
 
 def _calc(model, fidelity):
-    return SevenNetCalculator(model, file_type='model_instance', modal=fidelity,
-                              device='cpu')
+    return SevenNetCalculator(
+        model, file_type='model_instance', modal=fidelity, device='cpu'
+    )
 
 
 @pytest.fixture(scope='module')
@@ -64,8 +64,9 @@ def ref_7net0(frames3):
 
 @pytest.mark.parametrize('mode', MODES)
 def test_7net0_conversion_identity(mode, frames3, ref_7net0):
-    model, cfg = convert('7net-0', source_fidelity='pbe', add={'r2scan': 'pbe'},
-                         mode=mode)
+    model, cfg = convert(
+        '7net-0', source_fidelity='pbe', add={'r2scan': 'pbe'}, mode=mode
+    )
     assert cfg[KEY.MODAL_MAP] == {'pbe': 0, 'r2scan': 1}
     assert {m.mode for m in fidelity_layers(model).values()} == {mode}
     for fid in ('pbe', 'r2scan'):  # r2scan starts as a copy of pbe
@@ -74,7 +75,7 @@ def test_7net0_conversion_identity(mode, frames3, ref_7net0):
             _assert_same(_results(calc, atoms), ref)
 
 
-# ---- SevenNet-MF-0 -----------------------------------------------------------------
+# ---- SevenNet-MF-0 ----------------------------------------------------------------
 @pytest.fixture(scope='module')
 def ref_mf0(frames3):
     out = {}
@@ -84,27 +85,43 @@ def ref_mf0(frames3):
     return out
 
 
-@pytest.mark.parametrize('ops, mode, expect', [
-    # add: hse copies PBE; the onehot columns and every scalar path are rescaled
-    (dict(add={'hse': 'PBE'}), None,
-     {'R2SCAN': 'R2SCAN', 'PBE': 'PBE', 'hse': 'PBE'}),
-    # rename + add (FROM by its old name) + drop, and a change of layer mode
-    (dict(rename={'R2SCAN': 'r2scan'}, add={'hse': 'PBE'}, drop=['PBE']), 'indexed',
-     {'r2scan': 'R2SCAN', 'hse': 'PBE'}),
-])
+@pytest.mark.parametrize(
+    'ops, mode, expect',
+    [
+        # add: hse copies PBE; the onehot columns and every scalar path are rescaled
+        (
+            dict(add={'hse': 'PBE'}),
+            None,
+            {'R2SCAN': 'R2SCAN', 'PBE': 'PBE', 'hse': 'PBE'},
+        ),
+        # rename + add (FROM by its old name) + drop, and a change of layer mode
+        (
+            dict(rename={'R2SCAN': 'r2scan'}, add={'hse': 'PBE'}, drop=['PBE']),
+            'indexed',
+            {'r2scan': 'R2SCAN', 'hse': 'PBE'},
+        ),
+    ],
+)
 def test_mf0_add_rename_drop_identity(ops, mode, expect, frames3, ref_mf0):
     model, cfg = convert('7net-mf-0', mode=mode, **ops)
     assert list(cfg[KEY.MODAL_MAP]) == list(expect)
     assert set(fidelity_layers(model)) == {
-        '0_self_interaction_1', '0_self_interaction_2', '1_self_interaction_1',
-        '1_self_interaction_2', '2_self_interaction_1', '2_self_interaction_2',
-        '3_self_interaction_1', '3_self_interaction_2', '4_self_interaction_1',
-        '4_self_interaction_2', 'reduce_input_to_hidden'}
+        '0_self_interaction_1',
+        '0_self_interaction_2',
+        '1_self_interaction_1',
+        '1_self_interaction_2',
+        '2_self_interaction_1',
+        '2_self_interaction_2',
+        '3_self_interaction_1',
+        '3_self_interaction_2',
+        '4_self_interaction_1',
+        '4_self_interaction_2',
+        'reduce_input_to_hidden',
+    }
     for fid, ref_fid in expect.items():
         calc = _calc(model, fid)
         for atoms, ref in zip(frames3[:2], ref_mf0[ref_fid][:2]):
             _assert_same(_results(calc, atoms), ref)
-
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -115,8 +132,9 @@ def test_sevenn_mf_checkpoint_rename_add_drop(mode, tmp_path, ingan_frames):
     src = perturbed_model(cfg, seed=4)
     path = tmp_path / 'mf.pth'
     save_checkpoint(path, src, cfg)
-    model, new_cfg = convert(str(path), rename={'r2scan': 'R2'}, add={'new': 'hse'},
-                             drop=['pbe'])
+    model, new_cfg = convert(
+        str(path), rename={'r2scan': 'R2'}, add={'new': 'hse'}, drop=['pbe']
+    )
     assert list(new_cfg[KEY.MODAL_MAP]) == ['R2', 'hse', 'new']
     assert {m.mode for m in fidelity_layers(model).values()} == {mode}
     atoms = ingan_frames[0]
@@ -129,15 +147,28 @@ def test_sevenn_mf_checkpoint_rename_add_drop(mode, tmp_path, ingan_frames):
         np.testing.assert_allclose(s, ref[old][2], atol=1e-6)
 
 
-# ---- plans and errors ------------------------------------------------------------------
+# ---- plans and errors -------------------------------------------------------------
 def test_plan_fidelities():
-    assert plan_fidelities(['A', 'B'], add={'c': None}) == (['A', 'B', 'c'], [0, 1, 0])
-    assert plan_fidelities(['A', 'B'], add={'c': None}, default_from='B')[1] == [0, 1, 1]
-    names, src = plan_fidelities(['A', 'B'], rename={'A': 'a'}, add={'c': 'A'},
-                                 drop=['B'])
+    assert plan_fidelities(['A', 'B'], add={'c': None}) == (
+        ['A', 'B', 'c'],
+        [0, 1, 0],
+    )
+    assert plan_fidelities(['A', 'B'], add={'c': None}, default_from='B')[1] == [
+        0,
+        1,
+        1,
+    ]
+    names, src = plan_fidelities(
+        ['A', 'B'], rename={'A': 'a'}, add={'c': 'A'}, drop=['B']
+    )
     assert (names, src) == (['a', 'c'], [0, 0])
-    for kwargs in (dict(rename={'X': 'y'}), dict(add={'A': 'B'}), dict(add={'c': 'X'}),
-                   dict(drop=['A', 'B']), dict(rename={'A': 'B'})):
+    for kwargs in (
+        dict(rename={'X': 'y'}),
+        dict(add={'A': 'B'}),
+        dict(add={'c': 'X'}),
+        dict(drop=['A', 'B']),
+        dict(rename={'A': 'B'}),
+    ):
         with pytest.raises(ConvertError):
             plan_fidelities(['A', 'B'], **kwargs)
 
@@ -160,8 +191,9 @@ def test_download_only_checkpoints_fail_clearly_and_write_nothing():
     assert not os.path.exists(os.path.dirname(cache))
 
 
-def test_download_only_checkpoint_is_found_where_the_error_says(tmp_path, monkeypatch,
-                                                                 small_plain):
+def test_download_only_checkpoint_is_found_where_the_error_says(
+    tmp_path, monkeypatch, small_plain
+):
     """The offline error names a path; a file put there makes the name work,
     through sevenn's own lookup (which also reads ~/.cache/sevennet)."""
     import shutil
@@ -173,8 +205,11 @@ def test_download_only_checkpoint_is_found_where_the_error_says(tmp_path, monkey
     monkeypatch.setenv('HOME', str(tmp_path))
     with pytest.raises(CheckpointError) as err:
         Checkpoint('7net-mf-ompa')
-    where = next(w.rstrip('.,()') for w in str(err.value).split()
-                 if w.startswith(str(tmp_path)))
+    where = next(
+        w.rstrip('.,()')
+        for w in str(err.value).split()
+        if w.startswith(str(tmp_path))
+    )
     os.makedirs(os.path.dirname(where))
     shutil.copy(small_plain, where)
     cp = Checkpoint('7net-mf-ompa')
@@ -182,7 +217,7 @@ def test_download_only_checkpoint_is_found_where_the_error_says(tmp_path, monkey
     assert not os.path.exists(os.path.dirname(C.SEVENNET_MF_ompa))
 
 
-# ---- small single-fidelity "pretrained" models -----------------------------------------
+# ---- small single-fidelity "pretrained" models ------------------------------------
 def _small_plain(path, bias=False, seed=0):
     """A plain (single-fidelity) sevenn checkpoint of a small InGaN model."""
     cfg = small_config('onehot')
@@ -193,8 +228,13 @@ def _small_plain(path, bias=False, seed=0):
         state = {k: v for k, v in plain.state_dict().items()}
         plain = build_E3_equivariant_model(copy.deepcopy(pcfg))
         own = plain.state_dict()  # the folded biases are dropped
-        plain.load_state_dict({k: state[k] if state[k].shape == v.shape else v
-                               for k, v in own.items()}, strict=True)
+        plain.load_state_dict(
+            {
+                k: state[k] if state[k].shape == v.shape else v
+                for k, v in own.items()
+            },
+            strict=True,
+        )
     save_checkpoint(path, plain, pcfg)
     return plain
 
@@ -212,8 +252,9 @@ def test_small_plain_conversion_identity(mode, bias, tmp_path, ingan_frames):
     path = tmp_path / 'p.pth'
     plain = _small_plain(path, bias=bias)
     assert Checkpoint(path).kind == 'plain'
-    model, _ = convert(str(path), source_fidelity='pbe', add={'r2scan': None},
-                       mode=mode)
+    model, _ = convert(
+        str(path), source_fidelity='pbe', add={'r2scan': None}, mode=mode
+    )
     for atoms in ingan_frames[:2]:
         ref = calc_results(plain, atoms, None)
         for fid in ('pbe', 'r2scan'):
@@ -227,8 +268,9 @@ def _graphs(path, fidelity, cutoff, index=':'):
     from sevenn_mf.data import graphs as G
     from sevenn_mf.data.databases import DatabaseSpec, read_frames
 
-    spec = DatabaseSpec(name=fidelity, fidelity=fidelity, files=[str(path)],
-                        reader={'index': index})
+    spec = DatabaseSpec(
+        name=fidelity, fidelity=fidelity, files=[str(path)], reader={'index': index}
+    )
     return G.build_graphs(read_frames(spec), cutoff, fidelity)
 
 
@@ -240,13 +282,18 @@ def test_new_fidelity_starts_from_pbe_and_fits_references(small_plain):
     cutoff = cfg[KEY.CUTOFF]
     graphs = _graphs(QUICKSTART_DATA / 'r2scan.extxyz', 'r2scan', cutoff)
     frames = read(QUICKSTART_DATA / 'r2scan.extxyz', ':3')
-    before = {f: [calc_results(model, a, f) for a in frames] for f in ('pbe', 'r2scan')}
+    before = {
+        f: [calc_results(model, a, f) for a in frames] for f in ('pbe', 'r2scan')
+    }
     for (e0, f0, _), (e1, f1, _) in zip(before['pbe'], before['r2scan']):
         assert e1 == pytest.approx(e0, abs=1e-6)
         np.testing.assert_allclose(f1, f0, atol=1e-6)  # same forces from the start
 
-    data = SimpleNamespace(databases=[SimpleNamespace(
-        spec=SimpleNamespace(fidelity='r2scan'), train=graphs)])
+    data = SimpleNamespace(
+        databases=[
+            SimpleNamespace(spec=SimpleNamespace(fidelity='r2scan'), train=graphs)
+        ]
+    )
     labels = np.array([float(g[KEY.ENERGY]) for g in graphs])
     n = np.array([int(g[KEY.NUM_ATOMS]) for g in graphs])
     from sevenn_mf.finetune import predict_energies
@@ -256,32 +303,66 @@ def test_new_fidelity_starts_from_pbe_and_fits_references(small_plain):
     mae1 = np.mean(np.abs(labels - predict_energies(model, graphs)) / n)
     assert mae1 < 0.2 * mae0, (mae0, mae1)
     assert cfg[KEY.SHIFT]['r2scan'] != cfg[KEY.SHIFT]['pbe']
-    for a, (e0, f0, _), (_, fr, _) in zip(frames, before['pbe'], before['r2scan']):
+    for a, (e0, _, _), (_, fr, _) in zip(frames, before['pbe'], before['r2scan']):
         e, f, _ = calc_results(model, a, 'r2scan')
         np.testing.assert_allclose(f, fr, atol=1e-6)  # only the energy zero moved
         assert calc_results(model, a, 'pbe')[0] == pytest.approx(e0, abs=1e-6)
 
 
-# ---- fine-tuning through the training YAML ------------------------------------------
-def _finetune_config(tmp, pretrained, mode='onehot', epochs=2, replay=True,
-                     train_extra=None, data_extra=None, n_new=12, n_old=12,
-                     old_file=None, new_file=None):
+# ---- fine-tuning through the training YAML ----------------------------------------
+def _finetune_config(
+    tmp,
+    pretrained,
+    mode='onehot',
+    epochs=2,
+    replay=True,
+    train_extra=None,
+    data_extra=None,
+    n_new=12,
+    n_old=12,
+    old_file=None,
+    new_file=None,
+):
     old_file = old_file or str(QUICKSTART_DATA / 'pbe.extxyz')
     new_file = new_file or str(QUICKSTART_DATA / 'r2scan.extxyz')
-    dbs = [{'name': 'new', 'fidelity': 'r2scan', 'files': new_file,
-            'reader': {'index': f':{n_new}'}}]
+    dbs = [
+        {
+            'name': 'new',
+            'fidelity': 'r2scan',
+            'files': new_file,
+            'reader': {'index': f':{n_new}'},
+        }
+    ]
     if replay:
-        dbs.append({'name': 'replay', 'fidelity': 'pbe', 'files': old_file,
-                    'reader': {'index': f':{n_old}'}})
+        dbs.append(
+            {
+                'name': 'replay',
+                'fidelity': 'pbe',
+                'files': old_file,
+                'reader': {'index': f':{n_old}'},
+            }
+        )
     raw = {
         'model': {'fidelity_layer_mode': mode, 'channel': 64},  # channel: ignored
-        'train': {'pretrained': pretrained, 'pretrained_fidelity': 'pbe',
-                  'pretrained_add': {'r2scan': 'pbe'}, 'epoch': epochs,
-                  'random_seed': 3, 'optimizer': 'adam', 'optim_param': {'lr': 0.01},
-                  'scheduler': 'linearlr', 'per_epoch': 100,
-                  'scheduler_param': {'start_factor': 1.0, 'end_factor': 1.0,
-                                      'total_iters': epochs},
-                  'fit_new_references': True, 'device': 'cpu', **(train_extra or {})},
+        'train': {
+            'pretrained': pretrained,
+            'pretrained_fidelity': 'pbe',
+            'pretrained_add': {'r2scan': 'pbe'},
+            'epoch': epochs,
+            'random_seed': 3,
+            'optimizer': 'adam',
+            'optim_param': {'lr': 0.01},
+            'scheduler': 'linearlr',
+            'per_epoch': 100,
+            'scheduler_param': {
+                'start_factor': 1.0,
+                'end_factor': 1.0,
+                'total_iters': epochs,
+            },
+            'fit_new_references': True,
+            'device': 'cpu',
+            **(train_extra or {}),
+        },
         'data': {'batch_size': 4, 'databases': dbs, **(data_extra or {})},
     }
     return config_from_dict(raw, base_dir=str(tmp))
@@ -295,13 +376,20 @@ def _trained_model(workdir):
 @pytest.mark.parametrize('mode', MODES)
 def test_freeze_shared_changes_only_fidelity_parameters(mode, small_plain, tmp_path):
     config = _finetune_config(
-        tmp_path, small_plain, mode,
+        tmp_path,
+        small_plain,
+        mode,
         # AdamW's weight decay would move frozen onehot entries without the restore
-        train_extra={'freeze_shared': True, 'optimizer': 'adamw',
-                     'optim_param': {'lr': 0.01, 'weight_decay': 0.1}})
+        train_extra={
+            'freeze_shared': True,
+            'optimizer': 'adamw',
+            'optim_param': {'lr': 0.01, 'weight_decay': 0.1},
+        },
+    )
     train(config, str(tmp_path / 'run'), screen=False)
-    init, _ = convert(small_plain, source_fidelity='pbe', add={'r2scan': 'pbe'},
-                      mode=mode)
+    init, _ = convert(
+        small_plain, source_fidelity='pbe', add={'r2scan': 'pbe'}, mode=mode
+    )
     trained, _ = _trained_model(tmp_path / 'run')
     fid_names = set(fidelity_parameter_names(init))
     masks = onehot_shared_masks(init)
@@ -351,18 +439,23 @@ def test_shared_lr_factor_param_groups(small_plain, tmp_path):
     from sevenn_mf.finetune import configure_optimizer
     from sevenn_mf.train import make_trainer
 
-    model, cfg = convert(small_plain, source_fidelity='pbe', add={'r2scan': None},
-                         mode='indexed')
-    config = _finetune_config(tmp_path, small_plain,
-                              train_extra={'shared_lr_factor': 0.1})
+    model, cfg = convert(
+        small_plain, source_fidelity='pbe', add={'r2scan': None}, mode='indexed'
+    )
+    config = _finetune_config(
+        tmp_path, small_plain, train_extra={'shared_lr_factor': 0.1}
+    )
     config.update({k: cfg[k] for k in (KEY.TYPE_MAP, KEY.MODAL_MAP)})
     config[KEY.IS_DDP] = False
     trainer = make_trainer(model, config)
     configure_optimizer(trainer, config, log=lambda s: None)
     lrs = [g['lr'] for g in trainer.optimizer.param_groups]
     assert lrs == pytest.approx([0.01, 0.001])
-    fid = {id(p) for n, p in model.named_parameters()
-           if n in fidelity_parameter_names(model)}
+    fid = {
+        id(p)
+        for n, p in model.named_parameters()
+        if n in fidelity_parameter_names(model)
+    }
     assert all(id(p) in fid for p in trainer.optimizer.param_groups[0]['params'])
     assert not any(id(p) in fid for p in trainer.optimizer.param_groups[1]['params'])
 
@@ -375,8 +468,12 @@ def _labelled(model, frames, factor=1.0):
     for a in frames:
         e, f, s = calc_results(model, a, None)
         b = a.copy()
-        b.calc = SinglePointCalculator(b, energy=factor * e, forces=factor * f,
-                                       stress=factor * full_3x3_to_voigt_6_stress(s))
+        b.calc = SinglePointCalculator(
+            b,
+            energy=factor * e,
+            forces=factor * f,
+            stress=factor * full_3x3_to_voigt_6_stress(s),
+        )
         out.append(b)
     return out
 
@@ -401,8 +498,10 @@ def replay_setup(tmp_path_factory):
     save_checkpoint(path, plain, cfg)
     old = _labelled(plain, read(QUICKSTART_DATA / 'pbe.extxyz', ':16'))
     write(str(tmp / 'old_pbe.extxyz'), old)
-    write(str(tmp / 'new.extxyz'),
-          _labelled(plain, read(QUICKSTART_DATA / 'r2scan.extxyz', ':12'), 1.15))
+    write(
+        str(tmp / 'new.extxyz'),
+        _labelled(plain, read(QUICKSTART_DATA / 'r2scan.extxyz', ':12'), 1.15),
+    )
     return tmp, path, old
 
 
@@ -425,12 +524,28 @@ def test_replay_keeps_old_fidelity(replay_setup):
     rms = np.sqrt(np.mean(np.concatenate([a.get_forces() for a in old]) ** 2))
     drift = {}
     for replay in (False, True):
-        extra = {'sampling': {'mode': 'explicit', 'ratios': {'new': 0.5, 'replay': 0.5},
-                              'epoch_length': 12}} if replay else {}
-        config = _finetune_config(tmp, pretrained, epochs=20, replay=replay, n_old=16,
-                                  old_file=str(tmp / 'old_pbe.extxyz'), data_extra=extra,
-                                  new_file=str(tmp / 'new.extxyz'),
-                                  train_extra={'optim_param': {'lr': 0.001}})
+        extra = (
+            {
+                'sampling': {
+                    'mode': 'explicit',
+                    'ratios': {'new': 0.5, 'replay': 0.5},
+                    'epoch_length': 12,
+                }
+            }
+            if replay
+            else {}
+        )
+        config = _finetune_config(
+            tmp,
+            pretrained,
+            epochs=20,
+            replay=replay,
+            n_old=16,
+            old_file=str(tmp / 'old_pbe.extxyz'),
+            data_extra=extra,
+            new_file=str(tmp / 'new.extxyz'),
+            train_extra={'optim_param': {'lr': 0.001}},
+        )
         work = tmp / f'run_{replay}'
         train(config, str(work), screen=False)
         drift[replay] = _pbe_drift(work, old)
@@ -442,16 +557,33 @@ def test_replay_keeps_old_fidelity(replay_setup):
 # ---- command line and templates ---------------------------------------------------
 def test_cli_convert_then_info(tmp_path, capsys, frames3, ref_7net0):
     out = tmp_path / 'out.pth'
-    assert cli_main(['convert', '7net-0', '-o', str(out), '--source-fidelity', 'pbe',
-                     '--add', 'r2scan=pbe', '--mode', 'indexed']) == 0
+    assert (
+        cli_main(
+            [
+                'convert',
+                '7net-0',
+                '-o',
+                str(out),
+                '--source-fidelity',
+                'pbe',
+                '--add',
+                'r2scan=pbe',
+                '--mode',
+                'indexed',
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(out)
     assert cli_main(['info', str(out)]) == 0
     info = capsys.readouterr().out
     assert 'pbe, r2scan' in info and 'indexed' in info
     from sevenn_mf import SevenNetMFCalculator
 
-    _assert_same(_results(SevenNetMFCalculator(str(out), fidelity='r2scan'),
-                          frames3[0]), ref_7net0[0])
+    _assert_same(
+        _results(SevenNetMFCalculator(str(out), fidelity='r2scan'), frames3[0]),
+        ref_7net0[0],
+    )
     assert cli_main(['convert', '7net-0', '-o', str(out), '--add', 'x']) == 2
 
 
@@ -465,16 +597,23 @@ def test_templates_parse(name, shared_data):
 
 
 def test_fit_to_pretrained_needs_pretrained(tmp_path):
-    raw = {'model': {}, 'train': {},
-           'data': {'reference_energies': {'pbe': 'fit_to_pretrained'},
-                    'databases': [{'name': 'a', 'fidelity': 'pbe', 'files': 'x'}]}}
+    raw = {
+        'model': {},
+        'train': {},
+        'data': {
+            'reference_energies': {'pbe': 'fit_to_pretrained'},
+            'databases': [{'name': 'a', 'fidelity': 'pbe', 'files': 'x'}],
+        },
+    }
     with pytest.raises(ConfigError, match='pretrained'):
         config_from_dict(raw)
 
 
 @pytest.mark.filterwarnings('ignore:reference energies of')
-@pytest.mark.parametrize('name,new', [('finetune_7net0.yaml', 'r2scan'),
-                                      ('finetune_7net_mf0.yaml', 'R2SCAN')])
+@pytest.mark.parametrize(
+    'name,new',
+    [('finetune_7net0.yaml', 'r2scan'), ('finetune_7net_mf0.yaml', 'R2SCAN')],
+)
 def test_templates_run(name, new, shared_data, tmp_path):
     """The templates as they are (real 7net-0 / 7net-mf-0, real InGaN data),
     shortened to one epoch of 8 structures."""
@@ -487,12 +626,16 @@ def test_templates_run(name, new, shared_data, tmp_path):
     raw['train'].update(epoch=1, per_epoch=1)
     raw['train']['scheduler_param']['total_iters'] = 1
     raw['data']['sampling']['epoch_length'] = 8
-    best = train(config_from_dict(raw, base_dir=str(path.parent)), str(tmp_path),
-                 screen=False)
+    best = train(
+        config_from_dict(raw, base_dir=str(path.parent)), str(tmp_path), screen=False
+    )
     cp = Checkpoint(best)
     assert set(cp.fidelities) >= {new, 'pbe' if new == 'r2scan' else 'PBE'}
-    rows = [r for r in FidelityMetrics.read_csv(tmp_path / 'metrics.csv')
-            if r['set'] == f'{new}_validset']
+    rows = [
+        r
+        for r in FidelityMetrics.read_csv(tmp_path / 'metrics.csv')
+        if r['set'] == f'{new}_validset'
+    ]
     assert rows, 'no per-fidelity validation row'
     e, f = float(rows[-1]['energy_mae']), float(rows[-1]['force_mae'])
     # GPAW's energy zero is eV/atom away from the pretraining data's: only the

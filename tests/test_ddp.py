@@ -30,7 +30,6 @@ import sys
 import pytest
 import torch
 import yaml
-
 from emt_data import write_emt
 
 REL = 1e-4
@@ -43,24 +42,51 @@ def _raw(tmp_path, batch, n_low):
     write_emt(tmp_path / 'low_valid.extxyz', 6, seed=3)
     write_emt(tmp_path / 'high_valid.extxyz', 4, seed=4, fidelity='high')
     return {
-        'model': {'chemical_species': 'auto', 'cutoff': 4.0, 'channel': 8, 'lmax': 1,
-                  'num_convolution_layer': 2, 'is_parity': False,
-                  'weight_nn_hidden_neurons': [16, 16]},
-        'train': {'random_seed': 5, 'epoch': EPOCHS, 'per_epoch': 100,
-                  'optimizer': 'adam', 'optim_param': {'lr': 0.01},
-                  'scheduler': 'linearlr',
-                  'scheduler_param': {'start_factor': 1.0, 'end_factor': 0.1,
-                                      'total_iters': EPOCHS},
-                  'loss': 'mse', 'force_loss_weight': 0.1, 'stress_loss_weight': 1e-3,
-                  'device': 'cpu', 'best_fidelity': 'high'},
-        'data': {'batch_size': batch,
-                 'databases': [
-                     {'name': 'emt', 'fidelity': 'low', 'files': 'low.extxyz',
-                      'validation': {'files': 'low_valid.extxyz'}},
-                     {'name': 'emt_x1.1', 'fidelity': 'high', 'files': 'high.extxyz',
-                      'weight': {'energy': 2.0},
-                      'validation': {'files': 'high_valid.extxyz'}},
-                 ]},
+        'model': {
+            'chemical_species': 'auto',
+            'cutoff': 4.0,
+            'channel': 8,
+            'lmax': 1,
+            'num_convolution_layer': 2,
+            'is_parity': False,
+            'weight_nn_hidden_neurons': [16, 16],
+        },
+        'train': {
+            'random_seed': 5,
+            'epoch': EPOCHS,
+            'per_epoch': 100,
+            'optimizer': 'adam',
+            'optim_param': {'lr': 0.01},
+            'scheduler': 'linearlr',
+            'scheduler_param': {
+                'start_factor': 1.0,
+                'end_factor': 0.1,
+                'total_iters': EPOCHS,
+            },
+            'loss': 'mse',
+            'force_loss_weight': 0.1,
+            'stress_loss_weight': 1e-3,
+            'device': 'cpu',
+            'best_fidelity': 'high',
+        },
+        'data': {
+            'batch_size': batch,
+            'databases': [
+                {
+                    'name': 'emt',
+                    'fidelity': 'low',
+                    'files': 'low.extxyz',
+                    'validation': {'files': 'low_valid.extxyz'},
+                },
+                {
+                    'name': 'emt_x1.1',
+                    'fidelity': 'high',
+                    'files': 'high.extxyz',
+                    'weight': {'energy': 2.0},
+                    'validation': {'files': 'high_valid.extxyz'},
+                },
+            ],
+        },
     }
 
 
@@ -75,8 +101,14 @@ def _run(cmd, cwd):
     for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'):
         env.pop(k, None)
     # own session: on a timeout the ranks (torchrun's children) go too
-    p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, start_new_session=True)
+    p = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         out, _ = p.communicate(timeout=240)
     except subprocess.TimeoutExpired:
@@ -95,15 +127,32 @@ def _rows(path):
 @pytest.mark.parametrize('n_low', [16, 17])  # 24 (even shards) / 25 (uneven: join)
 def test_two_gloo_ranks_match_one_process(tmp_path, n_low):
     global_batch = 8
-    (tmp_path / 'one.yaml').write_text(yaml.safe_dump(_raw(tmp_path, global_batch, n_low)))
-    (tmp_path / 'two.yaml').write_text(yaml.safe_dump(_raw(tmp_path, global_batch // 2,
-                                                           n_low)))
+    (tmp_path / 'one.yaml').write_text(
+        yaml.safe_dump(_raw(tmp_path, global_batch, n_low))
+    )
+    (tmp_path / 'two.yaml').write_text(
+        yaml.safe_dump(_raw(tmp_path, global_batch // 2, n_low))
+    )
     cli = ['-m', 'sevenn_mf.cli', 'train']
     _run([sys.executable] + cli + ['one.yaml', '-w', 'one', '-q'], tmp_path)
-    _run([sys.executable, '-m', 'torch.distributed.run', '--nnodes', '1',
-          '--nproc_per_node', '2', '--rdzv_backend', 'c10d',
-          '--rdzv_endpoint', f'127.0.0.1:{_free_port()}'] + cli
-         + ['two.yaml', '-w', 'two', '-q'], tmp_path)
+    _run(
+        [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--nnodes',
+            '1',
+            '--nproc_per_node',
+            '2',
+            '--rdzv_backend',
+            'c10d',
+            '--rdzv_endpoint',
+            f'127.0.0.1:{_free_port()}',
+        ]
+        + cli
+        + ['two.yaml', '-w', 'two', '-q'],
+        tmp_path,
+    )
 
     one, two = tmp_path / 'one', tmp_path / 'two'
     log = (two / 'log.sevenn_mf').read_text()
@@ -112,9 +161,15 @@ def test_two_gloo_ranks_match_one_process(tmp_path, n_low):
 
     # per-set errors from our all-reduced accumulators (metrics.csv) ...
     m1, m2 = _rows(one / 'metrics.csv'), _rows(two / 'metrics.csv')
-    assert [(r['epoch'], r['set']) for r in m1] == [(r['epoch'], r['set']) for r in m2]
-    assert {r['set'] for r in m1} >= {'trainset', 'validset', 'low_validset',
-                                      'high_validset'}
+    assert [(r['epoch'], r['set']) for r in m1] == [
+        (r['epoch'], r['set']) for r in m2
+    ]
+    assert {r['set'] for r in m1} >= {
+        'trainset',
+        'validset',
+        'low_validset',
+        'high_validset',
+    }
     for a, b in zip(m1, m2):
         for k in ('energy_rmse', 'force_rmse', 'stress_rmse', 'energy_mae'):
             assert float(b[k]) == pytest.approx(float(a[k]), rel=REL), (a['set'], k)

@@ -9,14 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+import sevenn._keys as KEY
 import torch
 from ase.io import read, write
-
-import sevenn._keys as KEY
-
 from conftest import QUICKSTART_DATA
 from helpers import FIDS, perturbed_model, small_config
 from lammps_utils import find_lmp, run_lammps, skip_reason, thermo_table
+
 from sevenn_mf import SevenNetMFCalculator
 from sevenn_mf.checkpoint import Checkpoint, save_checkpoint
 from sevenn_mf.deploy import deploy, export
@@ -99,9 +98,13 @@ def test_serial_matches_calculator(fidelity, mf_checkpoint, cell64, tmp_path):
     n = len(atoms)
     assert abs(row['PotEng'] - e) / n < 1e-5
     assert np.abs(f_lmp - f).max() < 1e-4
-    p_lmp = np.array([row['Pxx'], row['Pyy'], row['Pzz'], row['Pxy'], row['Pxz'],
-                      row['Pyz']])
-    p_ase = -np.array([s[0, 0], s[1, 1], s[2, 2], s[0, 1], s[0, 2], s[1, 2]]) * EV_A3_TO_BAR
+    p_lmp = np.array(
+        [row['Pxx'], row['Pyy'], row['Pzz'], row['Pxy'], row['Pxz'], row['Pyz']]
+    )
+    p_ase = (
+        -np.array([s[0, 0], s[1, 1], s[2, 2], s[0, 1], s[0, 2], s[1, 2]])
+        * EV_A3_TO_BAR
+    )
     assert np.abs(p_lmp - p_ase).max() < 10.0  # bar: 1e-3 GPa
     assert np.abs(f).max() > 1e-3
 
@@ -112,15 +115,22 @@ def test_fidelities_differ_in_lammps(mf_checkpoint, cell64, tmp_path):
     assert [p.rsplit('_', 1)[-1] for p in paths] == ['pbe.pt', 'r2scan.pt']
     energies = []
     for fid, pt in zip(FIDS, paths):
-        row, _ = _single_point(LMP, 'e3gnn', pt, tmp_path / fid, tmp_path / 'data.lmp')
+        row, _ = _single_point(
+            LMP, 'e3gnn', pt, tmp_path / fid, tmp_path / 'data.lmp'
+        )
         energies.append(row['PotEng'])
-        assert row['PotEng'] == pytest.approx(_ase(mf_checkpoint, fid, atoms)[0],
-                                              abs=1e-5 * len(atoms))
+        assert row['PotEng'] == pytest.approx(
+            _ase(mf_checkpoint, fid, atoms)[0], abs=1e-5 * len(atoms)
+        )
     assert abs(energies[0] - energies[1]) > 1e-2
 
     # metadata: sevenn's keys plus ours
-    files = {'sevenn_mf_fidelity': '', 'sevenn_mf_fidelities': '', 'cutoff': '',
-             'chemical_symbols_to_index': ''}
+    files = {
+        'sevenn_mf_fidelity': '',
+        'sevenn_mf_fidelities': '',
+        'cutoff': '',
+        'chemical_symbols_to_index': '',
+    }
     torch.jit.load(paths[1], _extra_files=files)
     assert files['sevenn_mf_fidelity'] == b'r2scan'
     assert files['sevenn_mf_fidelities'] == b'pbe r2scan'
@@ -140,15 +150,20 @@ def test_export_roundtrip_through_sevenn_get_model(mf_checkpoint, cell64, tmp_pa
     """The exported plain checkpoint, deployed by sevenn's own CLI in a python
     that never imports sevenn_mf, gives the same LAMMPS numbers."""
     plain = export(mf_checkpoint, 'r2scan', tmp_path / 'plain.pth')
-    code = ('import sys; from sevenn.main.sevenn_get_model import main; '
-            f"sys.argv=['sevenn_get_model', '{plain}', '-o', '{tmp_path / 'sv.pt'}']; "
-            "main(); import sys; assert 'sevenn_mf' not in sys.modules")
+    code = (
+        'import sys; from sevenn.main.sevenn_get_model import main; '
+        f"sys.argv=['sevenn_get_model', '{plain}', '-o', '{tmp_path / 'sv.pt'}']; "
+        "main(); import sys; assert 'sevenn_mf' not in sys.modules"
+    )
     subprocess.run([sys.executable, '-c', code], check=True, cwd=tmp_path)
     atoms = _lammps_frame(cell64, tmp_path)
-    row_sv, f_sv = _single_point(LMP, 'e3gnn', tmp_path / 'sv.pt', tmp_path / 'a',
-                                 tmp_path / 'data.lmp')
+    row_sv, f_sv = _single_point(
+        LMP, 'e3gnn', tmp_path / 'sv.pt', tmp_path / 'a', tmp_path / 'data.lmp'
+    )
     (pt,) = deploy(mf_checkpoint, fidelity='r2scan', output=str(tmp_path / 'mf.pt'))
-    row_mf, f_mf = _single_point(LMP, 'e3gnn', pt, tmp_path / 'b', tmp_path / 'data.lmp')
+    row_mf, f_mf = _single_point(
+        LMP, 'e3gnn', pt, tmp_path / 'b', tmp_path / 'data.lmp'
+    )
     assert row_sv['PotEng'] == pytest.approx(row_mf['PotEng'], abs=1e-6 * len(atoms))
     assert np.abs(f_sv - f_mf).max() < 1e-6
 
@@ -188,9 +203,11 @@ run {steps}
     t_ps = steps * dt_ps
     slope = np.polyfit(np.linspace(0, t_ps, len(etot)), etot, 1)[0] / n
     fluct = (etot.max() - etot.min()) / n
-    print(f'\nNVE {steps} steps x {dt_ps * 1000:.1f} fs, {n} atoms: drift '
-          f'{slope * 1000:.4f} meV/atom/ps, max excursion {fluct * 1000:.4f} meV/atom, '
-          f'T {rows[-1]["Temp"]:.0f} K')
+    print(
+        f'\nNVE {steps} steps x {dt_ps * 1000:.1f} fs, {n} atoms: drift '
+        f'{slope * 1000:.4f} meV/atom/ps, max excursion {fluct * 1000:.4f} meV/atom, '
+        f'T {rows[-1]["Temp"]:.0f} K'
+    )
     assert rows[-1]['Temp'] > 10  # it moved
     assert abs(slope) < 1e-3  # eV/atom/ps
     assert fluct < 5e-3
@@ -203,13 +220,22 @@ def test_parallel_two_ranks_match_serial(mf_checkpoint, tmp_path):
     cell.calc = None
     atoms = _lammps_frame(cell, tmp_path)
     (pt,) = deploy(mf_checkpoint, fidelity='pbe', output=str(tmp_path / 's.pt'))
-    (pdir,) = deploy(mf_checkpoint, fidelity='pbe', parallel=True,
-                     output=str(tmp_path / 'par'))
+    (pdir,) = deploy(
+        mf_checkpoint, fidelity='pbe', parallel=True, output=str(tmp_path / 'par')
+    )
     n_seg = len(list((tmp_path / 'par').glob('deployed_parallel_*.pt')))
     assert n_seg == 2
-    row_s, f_s = _single_point(LMP, 'e3gnn', pt, tmp_path / 's', tmp_path / 'data.lmp')
-    row_p, f_p = _single_point(LMP_MPI, 'e3gnn/parallel', f'{n_seg} {pdir}',
-                               tmp_path / 'p', tmp_path / 'data.lmp', nprocs=2)
+    row_s, f_s = _single_point(
+        LMP, 'e3gnn', pt, tmp_path / 's', tmp_path / 'data.lmp'
+    )
+    row_p, f_p = _single_point(
+        LMP_MPI,
+        'e3gnn/parallel',
+        f'{n_seg} {pdir}',
+        tmp_path / 'p',
+        tmp_path / 'data.lmp',
+        nprocs=2,
+    )
     assert row_p['PotEng'] == pytest.approx(row_s['PotEng'], abs=1e-5 * len(atoms))
     assert np.abs(f_p - f_s).max() < 1e-4
     assert row_p['Press'] == pytest.approx(row_s['Press'], abs=10.0)

@@ -4,16 +4,15 @@ import copy
 
 import numpy as np
 import pytest
-import torch
-from scipy.spatial.transform import Rotation
-
 import sevenn._keys as KEY
+import torch
+from helpers import FIDS, calc_results, perturbed_model, small_config
+from scipy.spatial.transform import Rotation
 from sevenn.atom_graph_data import AtomGraphData
 from sevenn.train.dataload import atoms_to_graph
 from torch_geometric.loader import DataLoader
 
-from helpers import FIDS, calc_results, perturbed_model, small_config
-from sevenn_mf.model import FidelityError, fold, fidelity_layers
+from sevenn_mf.model import FidelityError, fidelity_layers, fold
 from sevenn_mf.nn.fidelity_linear import FidelityLinear
 
 MODES = ['onehot', 'indexed']
@@ -32,9 +31,13 @@ def test_layers_replaced_at_configured_positions(mode):
     cfg = small_config(mode)
     model = perturbed_model(cfg)
     names = sorted(fidelity_layers(model))
-    assert names == ['0_self_interaction_1', '0_self_interaction_2',
-                     '1_self_interaction_1', '1_self_interaction_2',
-                     'reduce_input_to_hidden']
+    assert names == [
+        '0_self_interaction_1',
+        '0_self_interaction_2',
+        '1_self_interaction_1',
+        '1_self_interaction_2',
+        'reduce_input_to_hidden',
+    ]
     assert all(m.mode == mode for m in fidelity_layers(model).values())
     cfg_all = small_config(mode, all_positions=True)
     assert 'onehot_to_feature_x' in fidelity_layers(perturbed_model(cfg_all))
@@ -106,7 +109,6 @@ def test_fidelities_differ_and_batch_independent(mode, ingan_frames):
 @pytest.mark.parametrize('mode', MODES)
 def test_torchscript(mode, ingan_frames):
     from e3nn.util.jit import script
-
     from sevenn.train.dataload import unlabeled_atoms_to_graph
 
     cfg = small_config(mode)
@@ -123,10 +125,13 @@ def test_torchscript(mode, ingan_frames):
 
     def inputs():
         return {
-            KEY.NODE_FEATURE: torch.tensor([type_map[z] for z in raw[KEY.ATOMIC_NUMBERS]]),
+            KEY.NODE_FEATURE: torch.tensor(
+                [type_map[z] for z in raw[KEY.ATOMIC_NUMBERS]]
+            ),
             KEY.EDGE_IDX: torch.tensor(raw[KEY.EDGE_IDX]),
-            KEY.EDGE_VEC: torch.tensor(raw[KEY.EDGE_VEC], dtype=torch.float32,
-                                       requires_grad=True),
+            KEY.EDGE_VEC: torch.tensor(
+                raw[KEY.EDGE_VEC], dtype=torch.float32, requires_grad=True
+            ),
             KEY.NUM_ATOMS: torch.tensor([len(atoms)]),
         }
 
@@ -167,7 +172,9 @@ def test_calculator_errors(tmp_path, ingan_frames):
         SevenNetMFCalculator(path, fidelity='PBE')
     calc = SevenNetMFCalculator(path, fidelity='pbe')
     bad = Atoms('GaXe', positions=[[0, 0, 0], [2.0, 0, 0]], cell=[5, 5, 5], pbc=True)
-    with pytest.raises(ValueError, match=r'Xe not in the model \(species: Ga, In, N\)'):
+    with pytest.raises(
+        ValueError, match=r'Xe not in the model \(species: Ga, In, N\)'
+    ):
         bad.calc = calc
         bad.get_potential_energy()
     a = ingan_frames[0].copy()

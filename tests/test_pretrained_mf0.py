@@ -3,7 +3,6 @@ sevenn's own numbers, in onehot mode and converted to indexed mode."""
 
 import numpy as np
 import pytest
-
 from sevenn.calculator import SevenNetCalculator
 
 from sevenn_mf import Checkpoint, SevenNetMFCalculator
@@ -38,8 +37,9 @@ def test_mf0_is_read_as_onehot(mf0):
 def test_mf0_equivalence(fidelity, mf0, mf0_indexed, ingan_frames):
     ref_calc = SevenNetCalculator('7net-mf-0', modal=fidelity, device='cpu')
     onehot = SevenNetMFCalculator(mf0, fidelity=fidelity)
-    indexed = SevenNetCalculator(mf0_indexed, file_type='model_instance', modal=fidelity,
-                                 device='cpu')
+    indexed = SevenNetCalculator(
+        mf0_indexed, file_type='model_instance', modal=fidelity, device='cpu'
+    )
     for atoms in ingan_frames[:3]:
         e0, f0, s0 = _results(ref_calc, atoms)
         assert np.abs(f0).max() > 0.01

@@ -9,20 +9,23 @@ import time
 
 import numpy as np
 import pytest
+import sevenn._keys as KEY
 import torch
 import yaml
 from ase.io import read, write
-
-import sevenn._keys as KEY
-
 from conftest import QUICKSTART_DATA
+
 from sevenn_mf.config import config_from_dict, load_config
 from sevenn_mf.data.databases import DataError
 from sevenn_mf.train import prepare_data, train
 
 SMALL_MODEL = {
-    'chemical_species': 'auto', 'cutoff': 4.5, 'channel': 8, 'lmax': 1,
-    'num_convolution_layer': 2, 'is_parity': False,
+    'chemical_species': 'auto',
+    'cutoff': 4.5,
+    'channel': 8,
+    'lmax': 1,
+    'num_convolution_layer': 2,
+    'is_parity': False,
     'weight_nn_hidden_neurons': [16, 16],
 }
 
@@ -39,23 +42,43 @@ def _raw(tmp_path, epochs=3, mode='onehot', **train_extra):
     _data(tmp_path)
     raw = {
         'model': dict(SMALL_MODEL, fidelity_layer_mode=mode),
-        'train': dict({
-            'random_seed': 3, 'epoch': epochs, 'per_epoch': 100,
-            'optimizer': 'adam', 'optim_param': {'lr': 0.01},
-            'scheduler': 'linearlr',
-            'scheduler_param': {'start_factor': 1.0, 'end_factor': 0.1,
-                                'total_iters': epochs},
-            'loss': 'mse', 'force_loss_weight': 0.1, 'stress_loss_weight': 1e-4,
-            'best_fidelity': 'r2scan', 'device': 'cpu',
-        }, **train_extra),
+        'train': dict(
+            {
+                'random_seed': 3,
+                'epoch': epochs,
+                'per_epoch': 100,
+                'optimizer': 'adam',
+                'optim_param': {'lr': 0.01},
+                'scheduler': 'linearlr',
+                'scheduler_param': {
+                    'start_factor': 1.0,
+                    'end_factor': 0.1,
+                    'total_iters': epochs,
+                },
+                'loss': 'mse',
+                'force_loss_weight': 0.1,
+                'stress_loss_weight': 1e-4,
+                'best_fidelity': 'r2scan',
+                'device': 'cpu',
+            },
+            **train_extra,
+        ),
         'data': {
             'batch_size': 4,
             'databases': [
-                {'name': 'lf', 'fidelity': 'pbe', 'files': 'pbe.extxyz',
-                 'validation': {'ratio': 0.25, 'seed': 1}},
-                {'name': 'hf', 'fidelity': 'r2scan', 'files': 'r2scan.extxyz',
-                 'weight': {'energy': 2.0, 'force': 2.0},
-                 'validation': {'ratio': 0.25, 'seed': 1}},
+                {
+                    'name': 'lf',
+                    'fidelity': 'pbe',
+                    'files': 'pbe.extxyz',
+                    'validation': {'ratio': 0.25, 'seed': 1},
+                },
+                {
+                    'name': 'hf',
+                    'fidelity': 'r2scan',
+                    'files': 'r2scan.extxyz',
+                    'weight': {'energy': 2.0, 'force': 2.0},
+                    'validation': {'ratio': 0.25, 'seed': 1},
+                },
             ],
         },
     }
@@ -100,21 +123,24 @@ def test_end_to_end(tmp_path, mode):
     assert cp.fidelities == ['pbe', 'r2scan'] and cp.layer_mode == mode
     logged = next(r for r in r2 if int(r['epoch']) == cp.epoch)
     data = prepare_data(config, str(tmp_path / 'again'))
-    valid = [g for db in data.databases if db.spec.fidelity == 'r2scan' for g in db.valid]
+    valid = [
+        g for db in data.databases if db.spec.fidelity == 'r2scan' for g in db.valid
+    ]
     errors = error_summary(predict(cp, valid, 'r2scan'))
-    assert errors['energy MAE (meV/atom)'] == pytest.approx(float(logged['energy_mae']),
-                                                            rel=1e-3, abs=1e-3)
-    assert errors['force MAE (meV/Å)'] == pytest.approx(float(logged['force_mae']),
-                                                        rel=1e-3, abs=1e-3)
+    assert errors['energy MAE (meV/atom)'] == pytest.approx(
+        float(logged['energy_mae']), rel=1e-3, abs=1e-3
+    )
+    assert errors['force MAE (meV/Å)'] == pytest.approx(
+        float(logged['force_mae']), rel=1e-3, abs=1e-3
+    )
     best_losses = [float(r['energy_mae']) for r in r2]
     assert len(best_losses) == 4
 
 
 def test_partial_labels_give_zero_gradient_from_absent_labels(tmp_path):
     """Energy-only structures: the force and stress terms are masked, not zero-filled."""
-    from torch_geometric.loader import DataLoader
-
     from sevenn.train.loss import get_loss_functions_from_config
+    from torch_geometric.loader import DataLoader
 
     from sevenn_mf.model import build_model
 
@@ -125,9 +151,12 @@ def test_partial_labels_give_zero_gradient_from_absent_labels(tmp_path):
         a.calc = None
         a.info['energy'] = e
     write(tmp_path / 'e_only.extxyz', frames)
-    raw['data']['databases'][1] = {'name': 'hf', 'fidelity': 'r2scan',
-                                   'files': 'e_only.extxyz',
-                                   'validation': {'ratio': 0.2}}
+    raw['data']['databases'][1] = {
+        'name': 'hf',
+        'fidelity': 'r2scan',
+        'files': 'e_only.extxyz',
+        'validation': {'ratio': 0.2},
+    }
     config = load_config(_yaml(tmp_path, raw))
     data = prepare_data(config, str(tmp_path / 'wd'))
     cfg = data.config
@@ -142,8 +171,9 @@ def test_partial_labels_give_zero_gradient_from_absent_labels(tmp_path):
     out = model(batch.clone())
     terms = {ld.name: ld.get_loss(out, model) * w for ld, w in losses}
     params = [p for p in model.parameters() if p.requires_grad]
-    g_total = torch.autograd.grad(sum(terms.values()).sum(), params, retain_graph=True,
-                                  allow_unused=True)
+    g_total = torch.autograd.grad(
+        sum(terms.values()).sum(), params, retain_graph=True, allow_unused=True
+    )
     g_energy = torch.autograd.grad(terms['Energy'].sum(), params, allow_unused=True)
     for gt, ge in zip(g_total, g_energy):
         if gt is None:
@@ -160,29 +190,55 @@ def test_partial_labels_give_zero_gradient_from_absent_labels(tmp_path):
 def test_sevenn_native_multimodal_yaml_runs(tmp_path):
     pbe, r2 = _data(tmp_path, 12, 8)
     raw = {
-        'model': dict(SMALL_MODEL, use_modal_self_inter_intro=True,
-                      use_modal_self_inter_outro=True, use_modal_output_block=True),
-        'train': {'epoch': 2, 'use_modality': True, 'use_weight': True,
-                  'scheduler': 'linearlr',
-                  'scheduler_param': {'start_factor': 1.0, 'total_iters': 2,
-                                      'end_factor': 0.0001},
-                  'loss': 'huber', 'loss_param': {'delta': 0.01}, 'device': 'cpu'},
+        'model': dict(
+            SMALL_MODEL,
+            use_modal_self_inter_intro=True,
+            use_modal_self_inter_outro=True,
+            use_modal_output_block=True,
+        ),
+        'train': {
+            'epoch': 2,
+            'use_modality': True,
+            'use_weight': True,
+            'scheduler': 'linearlr',
+            'scheduler_param': {
+                'start_factor': 1.0,
+                'total_iters': 2,
+                'end_factor': 0.0001,
+            },
+            'loss': 'huber',
+            'loss_param': {'delta': 0.01},
+            'device': 'cpu',
+        },
         'data': {
-            'batch_size': 4, 'shift': 'elemwise_reference_energies',
-            'scale': 'force_rms', 'use_modal_wise_shift': True,
+            'batch_size': 4,
+            'shift': 'elemwise_reference_energies',
+            'scale': 'force_rms',
+            'use_modal_wise_shift': True,
             'use_modal_wise_scale': False,
             'load_trainset_path': [
-                {'data_modality': 'pbe', 'file_list': [{'file': 'pbe.extxyz'}],
-                 'data_weight': {'energy': 1.0, 'force': 0.1, 'stress': 1.0}},
-                {'data_modality': 'scan', 'file_list': [{'file': 'r2scan.extxyz'}],
-                 'data_weight': {'energy': 1.0, 'force': 10.0, 'stress': 1.0}},
+                {
+                    'data_modality': 'pbe',
+                    'file_list': [{'file': 'pbe.extxyz'}],
+                    'data_weight': {'energy': 1.0, 'force': 0.1, 'stress': 1.0},
+                },
+                {
+                    'data_modality': 'scan',
+                    'file_list': [{'file': 'r2scan.extxyz'}],
+                    'data_weight': {'energy': 1.0, 'force': 10.0, 'stress': 1.0},
+                },
             ],
             'load_pbe_validset_path': [
-                {'data_modality': 'pbe', 'file_list': [{'file': 'pbe.extxyz'}]}],
+                {'data_modality': 'pbe', 'file_list': [{'file': 'pbe.extxyz'}]}
+            ],
         },
     }
     config = load_config(_yaml(tmp_path, raw))
-    assert sorted(d['fidelity'] for d in config['databases']) == ['pbe', 'pbe', 'scan']
+    assert sorted(d['fidelity'] for d in config['databases']) == [
+        'pbe',
+        'pbe',
+        'scan',
+    ]
     wd = tmp_path / 'run'
     train(config, str(wd), screen=False)
     from sevenn_mf.checkpoint import Checkpoint
@@ -194,9 +250,14 @@ def test_sevenn_native_multimodal_yaml_runs(tmp_path):
 def _run_cli(args, cwd, env_extra=None, **kw):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
     env.update(env_extra or {})
-    return subprocess.Popen([sys.executable, '-m', 'sevenn_mf.cli'] + args, cwd=cwd,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            **kw)
+    return subprocess.Popen(
+        [sys.executable, '-m', 'sevenn_mf.cli'] + args,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **kw,
+    )
 
 
 def test_resume_after_sigkill(tmp_path):
@@ -224,7 +285,9 @@ def test_resume_after_sigkill(tmp_path):
                 break
         time.sleep(0.05)
     p.wait()
-    assert killed_after is not None and killed_after < epochs, 'run ended before the kill'
+    assert killed_after is not None and killed_after < epochs, (
+        'run ended before the kill'
+    )
     assert not list((tmp_path / 'killed').glob('.*.tmp'))  # no torn checkpoint
 
     r = _run_cli(['train', str(path), '-w', 'killed', '--resume', '-q'], tmp_path)
@@ -235,7 +298,9 @@ def test_resume_after_sigkill(tmp_path):
     assert [int(r['epoch']) for r in rows] == list(range(1, epochs + 1))
     assert [r['lr'] for r in rows] == [r['lr'] for r in rows_ref]  # same schedule
     for a, b in zip(rows, rows_ref):  # same trajectory: same data order, same state
-        assert float(a['energy_rmse']) == pytest.approx(float(b['energy_rmse']), rel=1e-4)
+        assert float(a['energy_rmse']) == pytest.approx(
+            float(b['energy_rmse']), rel=1e-4
+        )
     cp = torch.load(tmp_path / 'killed' / 'checkpoint_last.pth', weights_only=False)
     assert cp['epoch'] == epochs
 
@@ -250,7 +315,7 @@ def _bad_case(tmp_path, kind):
     bad = tmp_path / 'bad.extxyz'
     if kind == 'no_fidelity':
         del raw['data']['databases'][1]['fidelity']
-        return raw, "has no fidelity"
+        return raw, 'has no fidelity'
     if kind == 'element':
         raw['model']['chemical_species'] = ['Ga', 'N']
         return raw, r'frame \d+: contains In'
@@ -266,7 +331,9 @@ def _bad_case(tmp_path, kind):
         a = frames[4]
         a.positions[1] = a.positions[0] + [0.2, 0.1, 0.0]
         write(bad, frames)
-        return _with(raw, 'bad.extxyz'), r'bad.extxyz, frame 4: atoms 0 and 1 are 0.22'
+        return _with(
+            raw, 'bad.extxyz'
+        ), r'bad.extxyz, frame 4: atoms 0 and 1 are 0.22'
     if kind == 'empty':
         bad.write_text('')
         return _with(raw, 'bad.extxyz'), 'bad.extxyz'
@@ -283,8 +350,9 @@ def _with(raw, fname):
     return raw
 
 
-@pytest.mark.parametrize('kind', ['no_fidelity', 'element', 'nan', 'inf', 'close',
-                                  'empty', 'truncated'])
+@pytest.mark.parametrize(
+    'kind', ['no_fidelity', 'element', 'nan', 'inf', 'close', 'empty', 'truncated']
+)
 def test_bad_input_fails_before_training(tmp_path, kind):
     _data(tmp_path)
     raw, pattern = _bad_case(tmp_path, kind)

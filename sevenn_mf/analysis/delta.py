@@ -45,12 +45,14 @@ def _pair_key(frame) -> Tuple[str, int]:
         raise DeltaPairingError(
             f'{frame.where}: atoms.info has no {" / ".join(missing)}; Delta-learning '
             'pairs structures labelled at two fidelities by info["set"] and '
-            'info["index"]')
+            'info["index"]'
+        )
     return str(info['set']), int(info['index'])
 
 
-def pair_frames(hf_frames: Sequence[Any], lf_frames: Sequence[Any],
-                position_tol: float = 1e-4) -> List[Tuple[Any, Any]]:
+def pair_frames(
+    hf_frames: Sequence[Any], lf_frames: Sequence[Any], position_tol: float = 1e-4
+) -> List[Tuple[Any, Any]]:
     """[(hf, lf)] for every HF frame, in HF order. Raises
     :class:`DeltaPairingError` for an HF structure without an LF partner, a
     key used twice, or partners that are not the same structure."""
@@ -60,15 +62,18 @@ def pair_frames(hf_frames: Sequence[Any], lf_frames: Sequence[Any],
         if key in lf_by_key:
             raise DeltaPairingError(
                 f'set={key[0]} index={key[1]} appears twice among the LF paired '
-                f'structures ({lf_by_key[key].where} and {fr.where})')
+                f'structures ({lf_by_key[key].where} and {fr.where})'
+            )
         lf_by_key[key] = fr
     pairs, unpaired, seen = [], [], {}
     for fr in hf_frames:
         key = _pair_key(fr)
         if key in seen:
-            raise DeltaPairingError(f'set={key[0]} index={key[1]} appears twice '
-                                    f'among the HF structures ({seen[key]} and '
-                                    f'{fr.where})')
+            raise DeltaPairingError(
+                f'set={key[0]} index={key[1]} appears twice '
+                f'among the HF structures ({seen[key]} and '
+                f'{fr.where})'
+            )
         seen[key] = fr.where
         lf = lf_by_key.get(key)
         if lf is None:
@@ -80,7 +85,9 @@ def pair_frames(hf_frames: Sequence[Any], lf_frames: Sequence[Any],
         more = f' and {len(unpaired) - 5} more' if len(unpaired) > 5 else ''
         raise DeltaPairingError(
             f'{len(unpaired)} HF structure(s) have no LF label in the paired files: '
-            + '; '.join(unpaired[:5]) + more)
+            + '; '.join(unpaired[:5])
+            + more
+        )
     return pairs
 
 
@@ -94,8 +101,10 @@ def _check_same_structure(hf, lf, tol: float) -> None:
     elif not np.allclose(a.positions, b.positions, atol=tol):
         what = 'different positions'
     if what:
-        raise DeltaPairingError(f'{hf.where} and {lf.where} share set and index but '
-                                f'are not the same structure ({what})')
+        raise DeltaPairingError(
+            f'{hf.where} and {lf.where} share set and index but '
+            f'are not the same structure ({what})'
+        )
 
 
 def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
@@ -114,8 +123,9 @@ def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
         if not results:
             continue
         src = hf.atoms
-        atoms = Atoms(numbers=src.numbers, positions=src.positions, cell=src.cell,
-                      pbc=src.pbc)
+        atoms = Atoms(
+            numbers=src.numbers, positions=src.positions, cell=src.cell, pbc=src.pbc
+        )
         atoms.info.update({k: src.info[k] for k in PAIR_KEYS})
         atoms.info['fidelity'] = 'delta'
         atoms.calc = SinglePointCalculator(atoms, **results)
@@ -131,7 +141,10 @@ def _write_extxyz(path: str, frames: List[Any]) -> None:
     os.close(fd)
     try:
         ase.io.write(tmp, frames, format='extxyz')
-        if os.path.isfile(path) and open(path, 'rb').read() == open(tmp, 'rb').read():
+        if (
+            os.path.isfile(path)
+            and open(path, 'rb').read() == open(tmp, 'rb').read()
+        ):
             os.unlink(tmp)  # unchanged: keep the old file (and its mtime)
         else:
             os.replace(tmp, path)
@@ -157,17 +170,23 @@ def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
         path = os.path.join(out_dir, f'{spec.name}.extxyz')
         diff = difference_atoms(pairs)
         if not diff:
-            raise DeltaPairingError(f"database '{spec.name}': no structure has a "
-                                    'label at both fidelities')
+            raise DeltaPairingError(
+                f"database '{spec.name}': no structure has a "
+                'label at both fidelities'
+            )
         _write_extxyz(path, diff)
-        entry = {'name': f'{spec.name}_delta', 'fidelity': DELTA_FIDELITY,
-                 'files': [path]}
+        entry = {
+            'name': f'{spec.name}_delta',
+            'fidelity': DELTA_FIDELITY,
+            'files': [path],
+        }
         if db.get('weight') is not None:
             entry['weight'] = db['weight']
         val = spec.validation or None
         if val and val.get('files'):
-            vspec = parse_databases([dict(db, files=val['files'], validation=None)],
-                                    mi.base_dir)[0]
+            vspec = parse_databases(
+                [dict(db, files=val['files'], validation=None)], mi.base_dir
+            )[0]
             vpairs = pair_frames(read_frames(vspec), lf_frames)
             vpath = os.path.join(out_dir, f'{spec.name}_validation.extxyz')
             _write_extxyz(vpath, difference_atoms(vpairs))
@@ -187,16 +206,26 @@ class DeltaCalculator(SumCalculator):
     folder (or ``model.json``) of ``sevenn_mf train --method delta``.
     """
 
-    def __init__(self, base, base_fidelity: Optional[str], delta,
-                 delta_fidelity: Optional[str] = 'delta', device: str = 'cpu'):
+    def __init__(
+        self,
+        base,
+        base_fidelity: Optional[str],
+        delta,
+        delta_fidelity: Optional[str] = 'delta',
+        device: str = 'cpu',
+    ):
         from ..calculator import SevenNetMFCalculator
 
         self.parts = [(base, base_fidelity), (delta, delta_fidelity)]
-        super().__init__([SevenNetMFCalculator(base, base_fidelity, device=device),
-                          SevenNetMFCalculator(delta, delta_fidelity, device=device)])
+        super().__init__(
+            [
+                SevenNetMFCalculator(base, base_fidelity, device=device),
+                SevenNetMFCalculator(delta, delta_fidelity, device=device),
+            ]
+        )
 
     @classmethod
-    def from_run(cls, path: str, device: str = 'cpu') -> 'DeltaCalculator':
+    def from_run(cls, path: str, device: str = 'cpu') -> DeltaCalculator:
         from .predict import read_parts
 
         parts, _ = read_parts(path)
@@ -206,7 +235,7 @@ class DeltaCalculator(SumCalculator):
         return cls(a, fa, b, fb, device=device)
 
 
-# ---- one TorchScript file ----------------------------------------------------------
+# ---- one TorchScript file ---------------------------------------------------------
 class _SumOfModels(torch.nn.Module):
     """Calls each deployed model on a copy of the input; adds the energies."""
 
@@ -234,15 +263,25 @@ class _SumOfModels(torch.nn.Module):
         return out
 
 
-_META = ('chemical_symbols_to_index', 'cutoff', 'num_species', 'flashTP', 'oeq',
-         'model_type', 'version', 'dtype', 'time')
+_META = (
+    'chemical_symbols_to_index',
+    'cutoff',
+    'num_species',
+    'flashTP',
+    'oeq',
+    'model_type',
+    'version',
+    'dtype',
+    'time',
+)
 
 
 def _load_deployed(path: str) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
     files = {k: '' for k in _META}
     module = torch.jit.load(path, _extra_files=files, map_location='cpu')
-    return module, {k: (v.decode() if isinstance(v, bytes) else v)
-                    for k, v in files.items()}
+    return module, {
+        k: (v.decode() if isinstance(v, bytes) else v) for k, v in files.items()
+    }
 
 
 def deploy_sum(parts: Sequence[Tuple[str, Optional[str]]], output: str) -> str:
@@ -255,19 +294,24 @@ def deploy_sum(parts: Sequence[Tuple[str, Optional[str]]], output: str) -> str:
     modules, metas = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (ckpt, fid) in enumerate(parts):
-            path = deploy(ckpt, fidelity=fid, output=os.path.join(tmp, f'part{i}.pt'))[0]
+            path = deploy(
+                ckpt, fidelity=fid, output=os.path.join(tmp, f'part{i}.pt')
+            )[0]
             m, meta = _load_deployed(path)
             modules.append(m)
             metas.append(meta)
     for k in ('chemical_symbols_to_index', 'cutoff', 'num_species', 'dtype'):
         values = {m[k].strip() for m in metas}
         if len(values) > 1:
-            raise ValueError(f'the parts differ in {k} ({sorted(values)}): a sum of '
-                             'models needs the same cutoff and species order')
+            raise ValueError(
+                f'the parts differ in {k} ({sorted(values)}): a sum of '
+                'models needs the same cutoff and species order'
+            )
     wrapper = torch.jit.script(_SumOfModels(modules))
     meta = dict(metas[0])
     meta['sevenn_mf_sum_of'] = ' + '.join(
-        f'{os.path.basename(str(c))}@{f}' for c, f in parts)
+        f'{os.path.basename(str(c))}@{f}' for c, f in parts
+    )
     output = str(output)
     if not output.endswith('.pt'):
         output += '.pt'
@@ -287,12 +331,22 @@ def evaluate_deployed(path: str, atoms) -> Tuple[float, np.ndarray]:
     cutoff = float(meta['cutoff'])
     g = unlabeled_atoms_to_graph(atoms, cutoff)
     edge_index = torch.as_tensor(g[KEY.EDGE_IDX], dtype=torch.int64)
-    edge_vec = torch.as_tensor(g[KEY.EDGE_VEC], dtype=torch.float32).requires_grad_(True)
-    x = torch.tensor([symbols.index(s) for s in atoms.get_chemical_symbols()],
-                     dtype=torch.int64)
+    edge_vec = torch.as_tensor(g[KEY.EDGE_VEC], dtype=torch.float32).requires_grad_(
+        True
+    )
+    x = torch.tensor(
+        [symbols.index(s) for s in atoms.get_chemical_symbols()], dtype=torch.int64
+    )
     n = torch.tensor(len(atoms), dtype=torch.int64)
-    out = module({'x': x, 'edge_index': edge_index, 'edge_vec': edge_vec,
-                  'num_atoms': n, 'nlocal': n})
+    out = module(
+        {
+            'x': x,
+            'edge_index': edge_index,
+            'edge_vec': edge_vec,
+            'num_atoms': n,
+            'nlocal': n,
+        }
+    )
     energy = out['inferred_total_energy'].squeeze()
     (de_dr,) = torch.autograd.grad([energy], [edge_vec])
     forces = torch.zeros(len(atoms), 3)

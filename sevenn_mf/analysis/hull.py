@@ -56,17 +56,27 @@ def compare(pred: Sequence[float], ref: Sequence[float]) -> Dict[str, float]:
     pred, ref = np.asarray(pred, float), np.asarray(ref, float)
     ok = np.isfinite(pred) & np.isfinite(ref)
     if not ok.any():
-        return {'n': 0, 'mae': float('nan'), 'rmse': float('nan'), 'r2': float('nan')}
+        return {
+            'n': 0,
+            'mae': float('nan'),
+            'rmse': float('nan'),
+            'r2': float('nan'),
+        }
     d = pred[ok] - ref[ok]
     ss_tot = float(((ref[ok] - ref[ok].mean()) ** 2).sum())
-    r2 = 1.0 - float((d ** 2).sum()) / ss_tot if ss_tot > 0 else float('nan')
-    return {'n': int(ok.sum()), 'mae': float(np.abs(d).mean()),
-            'rmse': float(np.sqrt((d ** 2).mean())), 'r2': r2}
+    r2 = 1.0 - float((d**2).sum()) / ss_tot if ss_tot > 0 else float('nan')
+    return {
+        'n': int(ok.sum()),
+        'mae': float(np.abs(d).mean()),
+        'rmse': float(np.sqrt((d**2).mean())),
+        'r2': r2,
+    }
 
 
 # ---- mixing energy ---------------------------------------------------------------
-def formula_units(composition, end_members: Sequence[str], tol: float = 1e-6
-                  ) -> np.ndarray:
+def formula_units(
+    composition, end_members: Sequence[str], tol: float = 1e-6
+) -> np.ndarray:
     """Number of formula units of each end member in ``composition``
     (a dict or pymatgen Composition); ValueError if it is not a non-negative
     combination of them."""
@@ -77,14 +87,18 @@ def formula_units(composition, end_members: Sequence[str], tol: float = 1e-6
     b = np.array([comp[el] for el in elements], float)
     n, *_ = np.linalg.lstsq(a, b, rcond=None)
     if np.abs(a @ n - b).max() > tol or (n < -tol).any():
-        raise ValueError(f'{comp.formula} is not a combination of the end members '
-                         f'{", ".join(end_members)}')
+        raise ValueError(
+            f'{comp.formula} is not a combination of the end members '
+            f'{", ".join(end_members)}'
+        )
     return np.clip(n, 0.0, None)
 
 
-def mixing_energies(energies: Sequence[float], compositions: Sequence[Any],
-                    end_member_energies: Dict[str, float]
-                    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def mixing_energies(
+    energies: Sequence[float],
+    compositions: Sequence[Any],
+    end_member_energies: Dict[str, float],
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(per atom, per formula unit, formula-unit fractions) of each structure.
 
     ``energies``: total energies (eV); ``end_member_energies``: {formula:
@@ -102,9 +116,13 @@ def mixing_energies(energies: Sequence[float], compositions: Sequence[Any],
     return np.array(per_atom), np.array(per_fu), np.array(frac)
 
 
-def end_member_references(compositions: Sequence[Any], ref_energies: Sequence[float],
-                          pred_energies: Sequence[float], end_members: Sequence[str],
-                          choice: str = 'lowest') -> Dict[str, Dict[str, Any]]:
+def end_member_references(
+    compositions: Sequence[Any],
+    ref_energies: Sequence[float],
+    pred_energies: Sequence[float],
+    end_members: Sequence[str],
+    choice: str = 'lowest',
+) -> Dict[str, Dict[str, Any]]:
     """{end member: {'ref', 'pred' (eV per formula unit), 'indices'}} from
     end-member structures (see the module doc for ``choice``)."""
     if choice not in ('lowest', 'mean'):
@@ -126,19 +144,30 @@ def end_member_references(compositions: Sequence[Any], ref_energies: Sequence[fl
         ref = ref_energies[idx] / nfu
         pred = pred_energies[idx] / nfu
         if choice == 'mean':
-            out[em] = {'ref': float(np.mean(ref)), 'pred': float(np.mean(pred)),
-                       'indices': idx.tolist()}
+            out[em] = {
+                'ref': float(np.mean(ref)),
+                'pred': float(np.mean(pred)),
+                'indices': idx.tolist(),
+            }
         else:
             key = ref if np.isfinite(ref).all() else pred
             k = int(np.argmin(key))
-            out[em] = {'ref': float(ref[k]), 'pred': float(pred[k]),
-                       'indices': [int(idx[k])]}
+            out[em] = {
+                'ref': float(ref[k]),
+                'pred': float(pred[k]),
+                'indices': [int(idx[k])],
+            }
     return out
 
 
-def mixing_report(model, structures: Sequence[str], end_member_files: Sequence[str],
-                  end_members: Sequence[str] = ('GaN', 'InN'), choice: str = 'lowest',
-                  output: Optional[str] = None) -> Dict[str, Any]:
+def mixing_report(
+    model,
+    structures: Sequence[str],
+    end_member_files: Sequence[str],
+    end_members: Sequence[str] = ('GaN', 'InN'),
+    choice: str = 'lowest',
+    output: Optional[str] = None,
+) -> Dict[str, Any]:
     """Predicted vs reference mixing energies (meV/atom) of ``structures``.
     ``model``: a :class:`~sevenn_mf.analysis.predict.MethodModel`."""
     from .predict import total_energies
@@ -150,57 +179,86 @@ def mixing_report(model, structures: Sequence[str], end_member_files: Sequence[s
     em_ref, em_pred = total_energies(pe)
     refs = end_member_references(em_comps, em_ref, em_pred, end_members, choice)
     ref_e, pred_e = total_energies(p)
-    mix_pred, fu_pred, frac = mixing_energies(pred_e, comps,
-                                              {k: v['pred'] for k, v in refs.items()})
+    mix_pred, fu_pred, frac = mixing_energies(
+        pred_e, comps, {k: v['pred'] for k, v in refs.items()}
+    )
     have_ref = all(np.isfinite(v['ref']) for v in refs.values())
     if have_ref:
-        mix_ref, fu_ref, _ = mixing_energies(ref_e, comps,
-                                             {k: v['ref'] for k, v in refs.items()})
+        mix_ref, fu_ref, _ = mixing_energies(
+            ref_e, comps, {k: v['ref'] for k, v in refs.items()}
+        )
     else:
         mix_ref = fu_ref = np.full(len(frames), np.nan)
     stats = compare(1000 * mix_pred, 1000 * mix_ref)
     summary = {
         'n_structures': len(frames),
-        'mixing_mae_meV_atom': stats['mae'], 'mixing_rmse_meV_atom': stats['rmse'],
+        'mixing_mae_meV_atom': stats['mae'],
+        'mixing_rmse_meV_atom': stats['rmse'],
         'mixing_r2': stats['r2'],
         'mixing_mae_meV_fu': compare(1000 * fu_pred, 1000 * fu_ref)['mae'],
         'mean_mixing_ref_meV_atom': float(np.nanmean(1000 * mix_ref))
-        if np.isfinite(mix_ref).any() else float('nan'),
+        if np.isfinite(mix_ref).any()
+        else float('nan'),
         'mean_mixing_pred_meV_atom': float(np.mean(1000 * mix_pred)),
-        'end_members': {k: {'ref_eV_fu': v['ref'], 'pred_eV_fu': v['pred'],
-                            'structures': [em_frames[i].where for i in v['indices']]}
-                        for k, v in refs.items()},
+        'end_members': {
+            k: {
+                'ref_eV_fu': v['ref'],
+                'pred_eV_fu': v['pred'],
+                'structures': [em_frames[i].where for i in v['indices']],
+            }
+            for k, v in refs.items()
+        },
         'choice': choice,
     }
     if output:
         os.makedirs(os.path.dirname(os.path.abspath(output)) or '.', exist_ok=True)
         with open(output, 'w', newline='') as fh:
             w = csv.writer(fh)
-            w.writerow(['structure', 'formula']
-                       + [f'fraction_{e}' for e in refs]
-                       + ['mixing_ref_meV_atom', 'mixing_pred_meV_atom',
-                          'mixing_ref_meV_fu', 'mixing_pred_meV_fu'])
+            w.writerow(
+                ['structure', 'formula']
+                + [f'fraction_{e}' for e in refs]
+                + [
+                    'mixing_ref_meV_atom',
+                    'mixing_pred_meV_atom',
+                    'mixing_ref_meV_fu',
+                    'mixing_pred_meV_fu',
+                ]
+            )
             for i, f in enumerate(frames):
-                w.writerow([f.where, _pmg_comp(comps[i]).formula.replace(' ', '')]
-                           + [f'{x:.4f}' for x in frac[i]]
-                           + [f'{1000 * mix_ref[i]:.3f}', f'{1000 * mix_pred[i]:.3f}',
-                              f'{1000 * fu_ref[i]:.3f}', f'{1000 * fu_pred[i]:.3f}'])
+                w.writerow(
+                    [f.where, _pmg_comp(comps[i]).formula.replace(' ', '')]
+                    + [f'{x:.4f}' for x in frac[i]]
+                    + [
+                        f'{1000 * mix_ref[i]:.3f}',
+                        f'{1000 * mix_pred[i]:.3f}',
+                        f'{1000 * fu_ref[i]:.3f}',
+                        f'{1000 * fu_pred[i]:.3f}',
+                    ]
+                )
         summary['per_structure_csv'] = output
     return summary
 
 
 # ---- energy above hull ------------------------------------------------------------
-def energies_above_hull(compositions: Sequence[Any], energies: Sequence[float],
-                        terminals: Optional[Sequence[str]] = None) -> np.ndarray:
+def energies_above_hull(
+    compositions: Sequence[Any],
+    energies: Sequence[float],
+    terminals: Optional[Sequence[str]] = None,
+) -> np.ndarray:
     """eV/atom above the lower convex hull of all the given entries (total
     energies in eV). Elemental entries for every element give a
     ``PhaseDiagram``; otherwise ``terminals`` (compositions) are required and
     a ``CompoundPhaseDiagram`` is used."""
-    from pymatgen.analysis.phase_diagram import (CompoundPhaseDiagram, PDEntry,
-                                                 PhaseDiagram)
+    from pymatgen.analysis.phase_diagram import (
+        CompoundPhaseDiagram,
+        PDEntry,
+        PhaseDiagram,
+    )
 
-    entries = [PDEntry(_pmg_comp(c), float(e), attribute=i)
-               for i, (c, e) in enumerate(zip(compositions, energies))]
+    entries = [
+        PDEntry(_pmg_comp(c), float(e), attribute=i)
+        for i, (c, e) in enumerate(zip(compositions, energies))
+    ]
     elements = {el for e in entries for el in e.composition.elements}
     have_elements = {e.composition.elements[0] for e in entries if e.is_element}
     out = np.full(len(entries), np.nan)
@@ -216,20 +274,28 @@ def energies_above_hull(compositions: Sequence[Any], energies: Sequence[float],
         missing = elements - have_elements
         if missing:
             raise ValueError(
-                'no elemental entry for ' + ', '.join(sorted(str(m) for m in missing))
+                'no elemental entry for '
+                + ', '.join(sorted(str(m) for m in missing))
                 + ': give the end members of the chemical space as terminals '
-                '(e.g. --terminals GaN InN) for a compound phase diagram')
+                '(e.g. --terminals GaN InN) for a compound phase diagram'
+            )
         pd = PhaseDiagram(entries)
         for e in entries:
             out[e.attribute] = pd.get_e_above_hull(e)
     if np.isnan(out).any():
-        raise ValueError('some entries are outside the phase diagram (check terminals)')
+        raise ValueError(
+            'some entries are outside the phase diagram (check terminals)'
+        )
     return out
 
 
-def hull_report(model, structures: Sequence[str], phases: Sequence[str],
-                terminals: Optional[Sequence[str]] = None,
-                output: Optional[str] = None) -> Dict[str, Any]:
+def hull_report(
+    model,
+    structures: Sequence[str],
+    phases: Sequence[str],
+    terminals: Optional[Sequence[str]] = None,
+    output: Optional[str] = None,
+) -> Dict[str, Any]:
     """Energies above hull of ``structures`` among themselves and ``phases``,
     with the model's energies, and with the reference labels when every
     structure and phase has one."""
@@ -247,15 +313,20 @@ def hull_report(model, structures: Sequence[str], phases: Sequence[str],
     ref = np.concatenate([ref_s, ref_p])
     eh_pred = energies_above_hull(comps, pred, terminals)
     have_ref = bool(np.isfinite(ref).all())
-    eh_ref = energies_above_hull(comps, ref, terminals) if have_ref \
+    eh_ref = (
+        energies_above_hull(comps, ref, terminals)
+        if have_ref
         else np.full(len(comps), np.nan)
+    )
     n = len(s_frames)
     stats = compare(1000 * eh_pred[:n], 1000 * eh_ref[:n])
     summary: Dict[str, Any] = {
-        'n_structures': n, 'n_phases': len(p_frames),
+        'n_structures': n,
+        'n_phases': len(p_frames),
         'reference_labels': have_ref,
         'e_above_hull_mae_meV_atom': stats['mae'],
-        'e_above_hull_rmse_meV_atom': stats['rmse'], 'e_above_hull_r2': stats['r2'],
+        'e_above_hull_rmse_meV_atom': stats['rmse'],
+        'e_above_hull_r2': stats['r2'],
         'mean_e_above_hull_pred_meV_atom': float(np.mean(1000 * eh_pred[:n])),
         'mean_e_above_hull_ref_meV_atom': float(np.mean(1000 * eh_ref[:n])),
         'terminals': list(terminals or []),
@@ -268,13 +339,30 @@ def hull_report(model, structures: Sequence[str], phases: Sequence[str],
         frames = s_frames + p_frames
         with open(output, 'w', newline='') as fh:
             w = csv.writer(fh)
-            w.writerow(['kind', 'structure', 'formula', 'natoms', 'energy_ref_eV',
-                        'energy_pred_eV', 'e_above_hull_ref_meV_atom',
-                        'e_above_hull_pred_meV_atom'])
+            w.writerow(
+                [
+                    'kind',
+                    'structure',
+                    'formula',
+                    'natoms',
+                    'energy_ref_eV',
+                    'energy_pred_eV',
+                    'e_above_hull_ref_meV_atom',
+                    'e_above_hull_pred_meV_atom',
+                ]
+            )
             for i, f in enumerate(frames):
-                w.writerow(['structure' if i < n else 'phase', f.where,
-                            _pmg_comp(comps[i]).formula.replace(' ', ''),
-                            len(f.numbers), f'{ref[i]:.6f}', f'{pred[i]:.6f}',
-                            f'{1000 * eh_ref[i]:.3f}', f'{1000 * eh_pred[i]:.3f}'])
+                w.writerow(
+                    [
+                        'structure' if i < n else 'phase',
+                        f.where,
+                        _pmg_comp(comps[i]).formula.replace(' ', ''),
+                        len(f.numbers),
+                        f'{ref[i]:.6f}',
+                        f'{pred[i]:.6f}',
+                        f'{1000 * eh_ref[i]:.3f}',
+                        f'{1000 * eh_pred[i]:.3f}',
+                    ]
+                )
         summary['per_structure_csv'] = output
     return summary

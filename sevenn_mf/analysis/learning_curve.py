@@ -47,13 +47,40 @@ from .methods import METHODS, MethodError, read_method_input, run_method
 RESULTS = 'results.csv'
 SUMMARY = 'summary.csv'
 PLOT = 'learning_curve.png'
-COLUMNS = ['method', 'n_hf', 'seed', 'n_hf_pool', 'energy_mae', 'energy_rmse',
-           'force_mae', 'force_rmse', 'stress_mae', 'mixing_mae', 'mixing_rmse',
-           'mixing_r2', 'train_seconds', 'stage_seconds', 'eval_seconds', 'run_dir']
-METRICS = ['energy_mae', 'energy_rmse', 'force_mae', 'force_rmse', 'mixing_mae',
-           'mixing_r2']
-UNITS = {'energy_mae': 'meV/atom', 'energy_rmse': 'meV/atom', 'force_mae': 'meV/Å',
-         'force_rmse': 'meV/Å', 'mixing_mae': 'meV/atom', 'mixing_r2': ''}
+COLUMNS = [
+    'method',
+    'n_hf',
+    'seed',
+    'n_hf_pool',
+    'energy_mae',
+    'energy_rmse',
+    'force_mae',
+    'force_rmse',
+    'stress_mae',
+    'mixing_mae',
+    'mixing_rmse',
+    'mixing_r2',
+    'train_seconds',
+    'stage_seconds',
+    'eval_seconds',
+    'run_dir',
+]
+METRICS = [
+    'energy_mae',
+    'energy_rmse',
+    'force_mae',
+    'force_rmse',
+    'mixing_mae',
+    'mixing_r2',
+]
+UNITS = {
+    'energy_mae': 'meV/atom',
+    'energy_rmse': 'meV/atom',
+    'force_mae': 'meV/Å',
+    'force_rmse': 'meV/Å',
+    'mixing_mae': 'meV/atom',
+    'mixing_r2': '',
+}
 
 
 class SpecError(ValueError):
@@ -63,7 +90,9 @@ class SpecError(ValueError):
 def _abs(base: str, files) -> List[str]:
     if isinstance(files, str):
         files = [files]
-    return [os.path.abspath(os.path.join(base, os.path.expanduser(f))) for f in files]
+    return [
+        os.path.abspath(os.path.join(base, os.path.expanduser(f))) for f in files
+    ]
 
 
 def read_spec(path: str) -> Dict[str, Any]:
@@ -83,11 +112,14 @@ def read_spec(path: str) -> Dict[str, Any]:
         if m not in METHODS:
             raise SpecError(f'{path}: unknown method {m!r} ({", ".join(METHODS)})')
     for n in spec['hf_sizes']:
-        ok = (isinstance(n, int) and not isinstance(n, bool) and n >= 1) or \
-            (isinstance(n, float) and 0 < n <= 1)
+        ok = (isinstance(n, int) and not isinstance(n, bool) and n >= 1) or (
+            isinstance(n, float) and 0 < n <= 1
+        )
         if not ok:
-            raise SpecError(f'{path}: hf_sizes entries are counts (int >= 1) or '
-                            f'fractions (0 < float <= 1), got {n!r}')
+            raise SpecError(
+                f'{path}: hf_sizes entries are counts (int >= 1) or '
+                f'fractions (0 < float <= 1), got {n!r}'
+            )
     test = dict(spec['test'])
     test['files'] = _abs(base, test.get('files') or [])
     if not test['files']:
@@ -111,7 +143,9 @@ def read_results(out_dir: str) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _write_csv(path: str, columns: Sequence[str], rows: Sequence[Dict[str, Any]]) -> None:
+def _write_csv(
+    path: str, columns: Sequence[str], rows: Sequence[Dict[str, Any]]
+) -> None:
     tmp = f'{path}.{os.getpid()}.tmp'
     with open(tmp, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=list(columns), extrasaction='ignore')
@@ -143,8 +177,11 @@ def _key(method: str, n: int, seed: int):
 def _read_atoms(spec) -> List[Any]:
     import ase.io
 
-    kwargs = {k: v for k, v in spec.reader.items()
-              if k not in ('energy_key', 'force_key', 'stress_key')}
+    kwargs = {
+        k: v
+        for k, v in spec.reader.items()
+        if k not in ('energy_key', 'force_key', 'stress_key')
+    }
     index = kwargs.pop('index', ':')
     out = []
     for f in spec.files:
@@ -178,7 +215,9 @@ def draw_subset(pool_size: int, n: int, seed: int) -> List[int]:
     return sorted(int(i) for i in perm[:n])
 
 
-def write_subset(mi, pool, indices: Sequence[int], out_dir: str) -> Dict[str, List[str]]:
+def write_subset(
+    mi, pool, indices: Sequence[int], out_dir: str
+) -> Dict[str, List[str]]:
     """One extxyz per HF database holding its chosen structures."""
     from .delta import _write_extxyz
 
@@ -201,20 +240,27 @@ def write_subset(mi, pool, indices: Sequence[int], out_dir: str) -> Dict[str, Li
 def _subset_input(mi, files: Dict[str, List[str]]):
     """The method input with HF databases reading the subset (empty ones dropped)."""
     new = mi.with_hf_files({k: v or ['<none>'] for k, v in files.items()})
-    dbs = [db for db in new.raw['data']['databases'] if db.get('files') != ['<none>']]
+    dbs = [
+        db for db in new.raw['data']['databases'] if db.get('files') != ['<none>']
+    ]
     new.raw['data']['databases'] = dbs
     for db in dbs:
         if db.get('fidelity') == mi.hf_fidelity:
-            db['reader'] = {k: v for k, v in (db.get('reader') or {}).items()
-                            if k != 'index'}
+            db['reader'] = {
+                k: v for k, v in (db.get('reader') or {}).items() if k != 'index'
+            }
             if not db['reader']:
                 db.pop('reader')
     return new
 
 
 # ---- evaluation -------------------------------------------------------------------
-def evaluate_run(run_dir: str, test_files: Sequence[str], fidelity: Optional[str],
-                 mixing: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
+def evaluate_run(
+    run_dir: str,
+    test_files: Sequence[str],
+    fidelity: Optional[str],
+    mixing: Optional[Dict[str, Any]] = None,
+) -> Dict[str, float]:
     from ..evaluate import error_summary, parity_plot
     from .hull import mixing_report
     from .predict import MethodModel
@@ -222,37 +268,60 @@ def evaluate_run(run_dir: str, test_files: Sequence[str], fidelity: Optional[str
     model = MethodModel.load(run_dir, fidelity)
     frames, p = model.predict_files(test_files)
     err = error_summary(p)
-    parity_plot(p, os.path.join(run_dir, 'parity_test.png'),
-                title=f'{os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))}'
-                      f' on {", ".join(os.path.basename(f) for f in test_files)}')
-    row = {'energy_mae': err['energy MAE (meV/atom)'],
-           'energy_rmse': err['energy RMSE (meV/atom)'],
-           'force_mae': err['force MAE (meV/Å)'], 'force_rmse': err['force RMSE (meV/Å)'],
-           'stress_mae': err['stress MAE (GPa)']}
+    parity_plot(
+        p,
+        os.path.join(run_dir, 'parity_test.png'),
+        title=f'{os.path.relpath(run_dir, os.path.dirname(os.path.dirname(run_dir)))}'
+        f' on {", ".join(os.path.basename(f) for f in test_files)}',
+    )
+    row = {
+        'energy_mae': err['energy MAE (meV/atom)'],
+        'energy_rmse': err['energy RMSE (meV/atom)'],
+        'force_mae': err['force MAE (meV/Å)'],
+        'force_rmse': err['force RMSE (meV/Å)'],
+        'stress_mae': err['stress MAE (GPa)'],
+    }
     if mixing:
-        m = mixing_report(model, test_files, mixing['end_members'],
-                          mixing.get('terminals', ('GaN', 'InN')),
-                          mixing.get('choice', 'lowest'),
-                          output=os.path.join(run_dir, 'mixing_test.csv'))
-        row.update({'mixing_mae': m['mixing_mae_meV_atom'],
-                    'mixing_rmse': m['mixing_rmse_meV_atom'], 'mixing_r2': m['mixing_r2']})
+        m = mixing_report(
+            model,
+            test_files,
+            mixing['end_members'],
+            mixing.get('terminals', ('GaN', 'InN')),
+            mixing.get('choice', 'lowest'),
+            output=os.path.join(run_dir, 'mixing_test.csv'),
+        )
+        row.update(
+            {
+                'mixing_mae': m['mixing_mae_meV_atom'],
+                'mixing_rmse': m['mixing_rmse_meV_atom'],
+                'mixing_r2': m['mixing_r2'],
+            }
+        )
     return row
 
 
 # ---- the curve --------------------------------------------------------------------
-def run_learning_curve(spec_path: str, out_dir: str, screen: bool = False,
-                       log: Callable[[str], None] = print,
-                       only: Optional[Dict[str, Any]] = None,
-                       methods: Optional[Sequence[str]] = None,
-                       hf_sizes: Optional[Sequence[Any]] = None,
-                       seeds: Optional[Sequence[int]] = None,
-                       epochs: Optional[int] = None) -> List[Dict[str, str]]:
+def run_learning_curve(
+    spec_path: str,
+    out_dir: str,
+    screen: bool = False,
+    log: Callable[[str], None] = print,
+    only: Optional[Dict[str, Any]] = None,
+    methods: Optional[Sequence[str]] = None,
+    hf_sizes: Optional[Sequence[Any]] = None,
+    seeds: Optional[Sequence[int]] = None,
+    epochs: Optional[int] = None,
+) -> List[Dict[str, str]]:
     """Run (or continue) a learning curve; ``methods`` / ``hf_sizes`` /
     ``seeds`` replace the spec's lists (e.g. a reduced grid first, the rest
     later into the same folder), ``epochs`` its epochs; ``only`` = {'method', 'n_hf', 'seed'} runs a
     single point."""
     spec = read_spec(spec_path)
-    for key, value in (('methods', methods), ('hf_sizes', hf_sizes), ('seeds', seeds)):
+    for key, value in (
+        ('methods', methods),
+        ('hf_sizes', hf_sizes),
+        ('seeds', seeds),
+    ):
         if value:
             spec[key] = list(value)
     if epochs is not None:
@@ -268,7 +337,9 @@ def run_learning_curve(spec_path: str, out_dir: str, screen: bool = False,
     if spec.get('epochs') is not None:
         mi.raw['train']['epoch'] = int(spec['epochs'])
     if not mi.hf_fidelity:
-        raise MethodError(f'{spec["input"]}: set train.hf_fidelity (or best_fidelity)')
+        raise MethodError(
+            f'{spec["input"]}: set train.hf_fidelity (or best_fidelity)'
+        )
     test_fid = spec['test'].get('fidelity') or mi.hf_fidelity
     _check_no_test_in_training(mi, spec)
     pool = hf_pool(mi)
@@ -276,42 +347,75 @@ def run_learning_curve(spec_path: str, out_dir: str, screen: bool = False,
     done = {_key(r['method'], r['n_hf'], r['seed']) for r in read_results(out_dir)}
     plan = [(m, n, s) for s in spec['seeds'] for n in sizes for m in spec['methods']]
     if only:
-        plan = [(m, n, s) for m, n, s in plan if all(
-            v is None or v == x for v, x in zip(
-                (only.get('method'), only.get('n_hf'), only.get('seed')), (m, n, s)))]
-    log(f'learning curve: {len(plan)} runs ({len(spec["methods"])} methods x '
+        plan = [
+            (m, n, s)
+            for m, n, s in plan
+            if all(
+                v is None or v == x
+                for v, x in zip(
+                    (only.get('method'), only.get('n_hf'), only.get('seed')),
+                    (m, n, s),
+                )
+            )
+        ]
+    log(
+        f'learning curve: {len(plan)} runs ({len(spec["methods"])} methods x '
         f'{len(sizes)} sizes {sizes} x {len(spec["seeds"])} seeds), HF pool '
-        f'{len(pool)}, {sum(_key(*p) in done for p in plan)} already done')
+        f'{len(pool)}, {sum(_key(*p) in done for p in plan)} already done'
+    )
     for i, (method, n, seed) in enumerate(plan, 1):
         if _key(method, n, seed) in done:
-            log(f'[{i}/{len(plan)}] {method} n={n} seed={seed}: done before, skipped')
+            log(
+                f'[{i}/{len(plan)}] {method} n={n} seed={seed}: done before, skipped'
+            )
             continue
         log(f'[{i}/{len(plan)}] {method} n={n} seed={seed}')
         idx = draw_subset(len(pool), n, seed)
-        files = write_subset(mi, pool, idx, os.path.join(out_dir, 'subsets',
-                                                          f's{seed}_n{n}'))
+        files = write_subset(
+            mi, pool, idx, os.path.join(out_dir, 'subsets', f's{seed}_n{n}')
+        )
         run_mi = _subset_input(mi, files)
         run_mi.raw['train']['random_seed'] = int(seed)
         run_dir = os.path.join(out_dir, 'runs', method, f'n{n}_s{seed}')
         t0 = time.time()
-        result = run_method(run_mi, method, run_dir, resume=True, screen=screen,
-                            shared_dir=os.path.join(out_dir, 'shared'),
-                            graph_cache=os.path.join(out_dir, 'graph_cache'),
-                            log=log)
+        result = run_method(
+            run_mi,
+            method,
+            run_dir,
+            resume=True,
+            screen=screen,
+            shared_dir=os.path.join(out_dir, 'shared'),
+            graph_cache=os.path.join(out_dir, 'graph_cache'),
+            log=log,
+        )
         t1 = time.time()
-        row = evaluate_run(run_dir, spec['test']['files'], test_fid, spec.get('mixing'))
-        row.update({'method': method, 'n_hf': n, 'seed': seed, 'n_hf_pool': len(pool),
-                    'train_seconds': result.seconds_now,
-                    'stage_seconds': result.seconds_total,
-                    'eval_seconds': time.time() - t1,
-                    'run_dir': os.path.relpath(run_dir, out_dir)})
+        row = evaluate_run(
+            run_dir, spec['test']['files'], test_fid, spec.get('mixing')
+        )
+        row.update(
+            {
+                'method': method,
+                'n_hf': n,
+                'seed': seed,
+                'n_hf_pool': len(pool),
+                'train_seconds': result.seconds_now,
+                'stage_seconds': result.seconds_total,
+                'eval_seconds': time.time() - t1,
+                'run_dir': os.path.relpath(run_dir, out_dir),
+            }
+        )
         append_result(out_dir, row)
         done.add(_key(method, n, seed))
-        log(f'    energy MAE {row["energy_mae"]:.2f} meV/atom, force MAE '
+        log(
+            f'    energy MAE {row["energy_mae"]:.2f} meV/atom, force MAE '
             f'{row["force_mae"]:.1f} meV/Å'
-            + (f', mixing MAE {row["mixing_mae"]:.2f} meV/atom R2 {row["mixing_r2"]:.3f}'
-               if 'mixing_mae' in row else '')
-            + f' ({t1 - t0:.0f} s)')
+            + (
+                f', mixing MAE {row["mixing_mae"]:.2f} meV/atom R2 {row["mixing_r2"]:.3f}'
+                if 'mixing_mae' in row
+                else ''
+            )
+            + f' ({t1 - t0:.0f} s)'
+        )
         write_summary(out_dir)
     rows = read_results(out_dir)
     write_summary(out_dir)
@@ -325,14 +429,16 @@ def _check_no_test_in_training(mi, spec) -> None:
     train_files = set()
     for s in parse_databases(mi.databases, mi.base_dir):
         train_files.update(os.path.realpath(f) for f in s.files)
-        train_files.update(os.path.realpath(f) for f in (s.validation or {}).get('files', []))
+        train_files.update(
+            os.path.realpath(f) for f in (s.validation or {}).get('files', [])
+        )
     train_files.update(os.path.realpath(f) for f in mi.paired_files())
     both = sorted(test & train_files)
     if both:
         raise SpecError(f'{both[0]} is both a test file and a training file')
 
 
-# ---- summary and plot ---------------------------------------------------------------
+# ---- summary and plot -------------------------------------------------------------
 def _float(v) -> float:
     try:
         return float(v)
@@ -346,15 +452,22 @@ def summarize(rows: Sequence[Dict[str, str]]) -> List[Dict[str, Any]]:
         groups.setdefault((r['method'], int(r['n_hf'])), []).append(r)
     out = []
     order = {m: i for i, m in enumerate(METHODS)}
-    for (method, n), rs in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99),
-                                                                  kv[0][0], kv[0][1])):
+    for (method, n), rs in sorted(
+        groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0][0], kv[0][1])
+    ):
         row: Dict[str, Any] = {'method': method, 'n_hf': n, 'n_seeds': len(rs)}
         for m in METRICS + ['train_seconds', 'stage_seconds']:
             v = np.array([_float(r.get(m)) for r in rs])
             v = v[np.isfinite(v)]
             if v.size:
-                row.update({f'{m}_mean': v.mean(), f'{m}_std': v.std(),
-                            f'{m}_min': v.min(), f'{m}_max': v.max()})
+                row.update(
+                    {
+                        f'{m}_mean': v.mean(),
+                        f'{m}_std': v.std(),
+                        f'{m}_min': v.min(),
+                        f'{m}_max': v.max(),
+                    }
+                )
         out.append(row)
     return out
 
@@ -367,8 +480,11 @@ def write_summary(out_dir: str) -> Optional[str]:
     cols = ['method', 'n_hf', 'n_seeds']
     for m in METRICS + ['train_seconds', 'stage_seconds']:
         cols += [f'{m}_{s}' for s in ('mean', 'std', 'min', 'max')]
-    _write_csv(os.path.join(out_dir, SUMMARY), cols,
-               [{k: _fmt(v) for k, v in r.items()} for r in summ])
+    _write_csv(
+        os.path.join(out_dir, SUMMARY),
+        cols,
+        [{k: _fmt(v) for k, v in r.items()} for r in summ],
+    )
     return plot_curve(summ, os.path.join(out_dir, PLOT))
 
 
@@ -379,9 +495,11 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    panels = [('energy_mae', 'HF test energy MAE (meV/atom)'),
-              ('force_mae', 'HF test force MAE (meV/Å)'),
-              ('mixing_mae', 'mixing energy MAE (meV/atom)')]
+    panels = [
+        ('energy_mae', 'HF test energy MAE (meV/atom)'),
+        ('force_mae', 'HF test force MAE (meV/Å)'),
+        ('mixing_mae', 'mixing energy MAE (meV/atom)'),
+    ]
     panels = [p for p in panels if any(f'{p[0]}_mean' in r for r in summary)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4))
     axes = np.atleast_1d(axes)
@@ -391,8 +509,10 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
             methods.append(r['method'])
     for ax, (metric, label) in zip(axes, panels):
         for j, m in enumerate(methods):
-            rs = sorted((r for r in summary if r['method'] == m and f'{metric}_mean' in r),
-                        key=lambda r: r['n_hf'])
+            rs = sorted(
+                (r for r in summary if r['method'] == m and f'{metric}_mean' in r),
+                key=lambda r: r['n_hf'],
+            )
             if not rs:
                 continue
             n = np.array([r['n_hf'] for r in rs], float)
@@ -401,8 +521,9 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
             lo = np.array([r[f'{metric}_min'] for r in rs])
             hi = np.array([r[f'{metric}_max'] for r in rs])
             color = f'C{j}'
-            ax.errorbar(n, mean, yerr=std, marker='o', ms=4, capsize=3, color=color,
-                        label=m)
+            ax.errorbar(
+                n, mean, yerr=std, marker='o', ms=4, capsize=3, color=color, label=m
+            )
             ax.fill_between(n, lo, hi, color=color, alpha=0.15, lw=0)
         ax.set_xscale('log')
         ax.set_yscale('log')
@@ -411,13 +532,16 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
-        ax.yaxis.set_minor_formatter(FuncFormatter(
-            lambda v, _: f'{v:g}' if f'{v:g}'[0] in '235' else ''))
+        ax.yaxis.set_minor_formatter(
+            FuncFormatter(lambda v, _: f'{v:g}' if f'{v:g}'[0] in '235' else '')
+        )
         ax.set_xlabel('number of HF structures')
         ax.set_ylabel(label)
         ax.grid(True, which='both', alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle(title or 'mean ± std over seeds (bars), min-max (band)', fontsize=10)
+    fig.suptitle(
+        title or 'mean ± std over seeds (bars), min-max (band)', fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -427,11 +551,21 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
 def markdown_table(out_dir: str) -> str:
     """The summary as a Markdown table (mean ± std over seeds, [min, max])."""
     summ = summarize(read_results(out_dir))
-    cols = [m for m in ('energy_mae', 'force_mae', 'mixing_mae', 'mixing_r2')
-            if any(f'{m}_mean' in r for r in summ)]
-    head = ['method', 'HF structures', 'seeds'] + [
-        f'{m.replace("_", " ")} ({UNITS[m]})' if UNITS[m] else m.replace('_', ' ')
-        for m in cols] + ['train s/run']
+    cols = [
+        m
+        for m in ('energy_mae', 'force_mae', 'mixing_mae', 'mixing_r2')
+        if any(f'{m}_mean' in r for r in summ)
+    ]
+    head = (
+        ['method', 'HF structures', 'seeds']
+        + [
+            f'{m.replace("_", " ")} ({UNITS[m]})'
+            if UNITS[m]
+            else m.replace('_', ' ')
+            for m in cols
+        ]
+        + ['train s/run']
+    )
     lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
     for r in summ:
         cells = [r['method'], str(r['n_hf']), str(r['n_seeds'])]
@@ -440,7 +574,7 @@ def markdown_table(out_dir: str) -> str:
                 cells.append('-')
                 continue
             digits = 3 if m == 'mixing_r2' else 1
-            cells.append(f"{r[f'{m}_mean']:.{digits}f} ± {r[f'{m}_std']:.{digits}f}")
-        cells.append(f"{r.get('stage_seconds_mean', float('nan')):.0f}")
+            cells.append(f'{r[f"{m}_mean"]:.{digits}f} ± {r[f"{m}_std"]:.{digits}f}')
+        cells.append(f'{r.get("stage_seconds_mean", float("nan")):.0f}')
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

@@ -56,7 +56,12 @@ import yaml
 METHODS = ('hf-only', 'transfer', 'delta', 'mf', 'mf-onehot', 'mf-indexed')
 # train-section keys read here (removed before sevenn's parser sees the YAML)
 METHOD_KEYS = ('method', 'hf_fidelity', 'transfer', 'delta', 'min_epoch_length')
-TRANSFER_KEYS = ('pretrain_epochs', 'finetune_epochs', 'finetune_lr', 'shared_lr_factor')
+TRANSFER_KEYS = (
+    'pretrain_epochs',
+    'finetune_epochs',
+    'finetune_lr',
+    'shared_lr_factor',
+)
 DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs')
 DELTA_FIDELITY = 'delta'
 MODEL_JSON = 'model.json'
@@ -89,11 +94,15 @@ class MethodInput:
 
     @property
     def hf_databases(self) -> List[Dict[str, Any]]:
-        return [db for db in self.databases if db.get('fidelity') == self.hf_fidelity]
+        return [
+            db for db in self.databases if db.get('fidelity') == self.hf_fidelity
+        ]
 
     @property
     def lf_databases(self) -> List[Dict[str, Any]]:
-        return [db for db in self.databases if db.get('fidelity') != self.hf_fidelity]
+        return [
+            db for db in self.databases if db.get('fidelity') != self.hf_fidelity
+        ]
 
     @property
     def lf_fidelities(self) -> List[str]:
@@ -103,7 +112,7 @@ class MethodInput:
                 out.append(db['fidelity'])
         return out
 
-    def with_hf_files(self, files: Dict[str, List[str]]) -> 'MethodInput':
+    def with_hf_files(self, files: Dict[str, List[str]]) -> MethodInput:
         """A copy whose HF databases read ``files[db name]`` (absolute paths)."""
         new = copy.deepcopy(self)
         for db in new.raw['data']['databases']:
@@ -133,17 +142,22 @@ class MethodInput:
         files = self.delta.get('paired_files') or []
         if isinstance(files, str):
             files = [files]
-        return [os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(f)))
-                for f in files]
+        return [
+            os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(f)))
+            for f in files
+        ]
 
 
 def _check_method(method: Optional[str]) -> None:
     if method is not None and method not in METHODS:
-        raise MethodError(f'unknown method {method!r}; choose one of {", ".join(METHODS)}')
+        raise MethodError(
+            f'unknown method {method!r}; choose one of {", ".join(METHODS)}'
+        )
 
 
-def method_input_from_dict(raw: Dict[str, Any], base_dir: str = '.',
-                           path: Optional[str] = None) -> MethodInput:
+def method_input_from_dict(
+    raw: Dict[str, Any], base_dir: str = '.', path: Optional[str] = None
+) -> MethodInput:
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise MethodError('expected a mapping with sections model/train/data')
@@ -156,18 +170,30 @@ def method_input_from_dict(raw: Dict[str, Any], base_dir: str = '.',
     hf = opts.get('hf_fidelity') or train.get('best_fidelity')
     transfer = dict(opts.get('transfer') or {})
     delta = dict(opts.get('delta') or {})
-    for name, d, allowed in (('transfer', transfer, TRANSFER_KEYS),
-                             ('delta', delta, DELTA_KEYS)):
+    for name, d, allowed in (
+        ('transfer', transfer, TRANSFER_KEYS),
+        ('delta', delta, DELTA_KEYS),
+    ):
         bad = sorted(set(d) - set(allowed))
         if bad:
-            raise MethodError(f'train.{name}: unknown key(s) {bad}; allowed: '
-                              f'{", ".join(allowed)}')
+            raise MethodError(
+                f'train.{name}: unknown key(s) {bad}; allowed: {", ".join(allowed)}'
+            )
     mel = opts.get('min_epoch_length')
     if mel is not None and (not isinstance(mel, int) or mel < 1):
-        raise MethodError(f'train.min_epoch_length must be a positive integer, got {mel!r}')
-    return MethodInput(raw=raw, base_dir=os.path.abspath(base_dir), method=method,
-                       hf_fidelity=hf, transfer=transfer, delta=delta,
-                       min_epoch_length=mel, path=path)
+        raise MethodError(
+            f'train.min_epoch_length must be a positive integer, got {mel!r}'
+        )
+    return MethodInput(
+        raw=raw,
+        base_dir=os.path.abspath(base_dir),
+        method=method,
+        hf_fidelity=hf,
+        transfer=transfer,
+        delta=delta,
+        min_epoch_length=mel,
+        path=path,
+    )
 
 
 def read_method_input(path: str) -> MethodInput:
@@ -186,25 +212,36 @@ def yaml_has_method(path: str) -> bool:
             raw = yaml.safe_load(f)
     except (OSError, yaml.YAMLError):
         return False
-    return isinstance(raw, dict) and isinstance(raw.get('train'), dict) and \
-        any(k in raw['train'] for k in METHOD_KEYS)
+    return (
+        isinstance(raw, dict)
+        and isinstance(raw.get('train'), dict)
+        and any(k in raw['train'] for k in METHOD_KEYS)
+    )
 
 
 def _validate(mi: MethodInput, method: str) -> None:
     if not mi.hf_fidelity:
-        raise MethodError('which fidelity is the high one? set train.hf_fidelity '
-                          '(or train.best_fidelity)')
+        raise MethodError(
+            'which fidelity is the high one? set train.hf_fidelity '
+            '(or train.best_fidelity)'
+        )
     fids = sorted({db.get('fidelity') for db in mi.databases})
     if not mi.hf_databases:
-        raise MethodError(f"no database has the HF fidelity '{mi.hf_fidelity}' "
-                          f'(fidelities: {", ".join(map(str, fids))})')
+        raise MethodError(
+            f"no database has the HF fidelity '{mi.hf_fidelity}' "
+            f'(fidelities: {", ".join(map(str, fids))})'
+        )
     if method != 'hf-only' and not mi.lf_databases:
-        raise MethodError(f'method {method} needs low-fidelity databases besides '
-                          f"the HF ones ('{mi.hf_fidelity}')")
+        raise MethodError(
+            f'method {method} needs low-fidelity databases besides '
+            f"the HF ones ('{mi.hf_fidelity}')"
+        )
     if method == 'delta':
         if not mi.paired_files():
-            raise MethodError('method delta needs train.delta.paired_files: the LF '
-                              'labels of the HF structures (matched by set and index)')
+            raise MethodError(
+                'method delta needs train.delta.paired_files: the LF '
+                'labels of the HF structures (matched by set and index)'
+            )
         _delta_lf_fidelity(mi)
 
 
@@ -212,13 +249,17 @@ def _delta_lf_fidelity(mi: MethodInput) -> str:
     lf = mi.delta.get('lf_fidelity')
     if lf is None:
         if len(mi.lf_fidelities) != 1:
-            raise MethodError('several LF fidelities: name the one the paired files '
-                              'hold in train.delta.lf_fidelity '
-                              f'({", ".join(mi.lf_fidelities)})')
+            raise MethodError(
+                'several LF fidelities: name the one the paired files '
+                'hold in train.delta.lf_fidelity '
+                f'({", ".join(mi.lf_fidelities)})'
+            )
         return mi.lf_fidelities[0]
     if lf not in mi.lf_fidelities:
-        raise MethodError(f"train.delta.lf_fidelity '{lf}' is not an LF database "
-                          f'fidelity ({", ".join(mi.lf_fidelities)})')
+        raise MethodError(
+            f"train.delta.lf_fidelity '{lf}' is not an LF database "
+            f'fidelity ({", ".join(mi.lf_fidelities)})'
+        )
     return lf
 
 
@@ -274,10 +315,16 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def run_stage(name: str, raw: Dict[str, Any], base_dir: str, stage_dir: str,
-              resume: bool = False, screen: bool = True,
-              graph_cache: Optional[str] = None,
-              log: Callable[[str], None] = print) -> StageResult:
+def run_stage(
+    name: str,
+    raw: Dict[str, Any],
+    base_dir: str,
+    stage_dir: str,
+    resume: bool = False,
+    screen: bool = True,
+    graph_cache: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> StageResult:
     """Train one stage in ``stage_dir``, or reuse it when it already finished
     with the same fingerprint. An interrupted stage continues with ``resume``."""
     from ..config import config_from_dict
@@ -290,23 +337,42 @@ def run_stage(name: str, raw: Dict[str, Any], base_dir: str, stage_dir: str,
     if meta is not None and meta.get('fingerprint') != fp:
         raise MethodError(
             f'{stage_dir} holds a {meta.get("name")} stage of a different input '
-            '(config or data changed); use another working directory')
-    if meta is not None and meta.get('status') == 'done' and \
-            os.path.isfile(meta.get('checkpoint', '')):
+            '(config or data changed); use another working directory'
+        )
+    if (
+        meta is not None
+        and meta.get('status') == 'done'
+        and os.path.isfile(meta.get('checkpoint', ''))
+    ):
         log(f'[{name}] finished before, reused: {meta["checkpoint"]}')
-        return StageResult(name, stage_dir, meta['checkpoint'],
-                           float(meta.get('seconds', 0.0)), False)
+        return StageResult(
+            name,
+            stage_dir,
+            meta['checkpoint'],
+            float(meta.get('seconds', 0.0)),
+            False,
+        )
     last = os.path.join(stage_dir, LAST)
     cont = os.path.isfile(last)
     if cont and not resume:
-        raise FileExistsError(f'{stage_dir} holds an unfinished {name} stage; use '
-                              '--resume to continue it or choose another directory')
+        raise FileExistsError(
+            f'{stage_dir} holds an unfinished {name} stage; use '
+            '--resume to continue it or choose another directory'
+        )
     os.makedirs(stage_dir, exist_ok=True)
     with open(os.path.join(stage_dir, 'input.yaml'), 'w') as f:
         yaml.safe_dump(raw, f, sort_keys=False)
     spent = float(meta.get('seconds', 0.0)) if (meta and cont) else 0.0
-    _write_json(meta_path, {'name': name, 'fingerprint': fp, 'status': 'running',
-                            'base_dir': base_dir, 'seconds': spent})
+    _write_json(
+        meta_path,
+        {
+            'name': name,
+            'fingerprint': fp,
+            'status': 'running',
+            'base_dir': base_dir,
+            'seconds': spent,
+        },
+    )
     config = config_from_dict(raw, base_dir)
     if graph_cache:
         config['graph_cache_dir'] = graph_cache
@@ -314,14 +380,22 @@ def run_stage(name: str, raw: Dict[str, Any], base_dir: str, stage_dir: str,
     t0 = time.time()
     ckpt = train(config, stage_dir, resume=cont, screen=screen)
     seconds = spent + time.time() - t0
-    _write_json(meta_path, {'name': name, 'fingerprint': fp, 'status': 'done',
-                            'base_dir': base_dir, 'checkpoint': ckpt,
-                            'seconds': seconds})
+    _write_json(
+        meta_path,
+        {
+            'name': name,
+            'fingerprint': fp,
+            'status': 'done',
+            'base_dir': base_dir,
+            'checkpoint': ckpt,
+            'seconds': seconds,
+        },
+    )
     log(f'[{name}] done in {seconds:.0f} s: {ckpt}')
     return StageResult(name, stage_dir, ckpt, seconds, True)
 
 
-# ---- building the stage configs ----------------------------------------------------
+# ---- building the stage configs ---------------------------------------------------
 _FRAME_CACHE: Dict[Tuple[str, float], Any] = {}
 
 
@@ -331,8 +405,10 @@ def _frames_of(databases: Sequence[Dict[str, Any]], base_dir: str):
 
     out = []
     for spec in parse_databases(list(databases), base_dir):
-        key = (json.dumps([spec.files, spec.reader], sort_keys=True, default=str),
-               tuple(os.path.getmtime(f) for f in spec.files))
+        key = (
+            json.dumps([spec.files, spec.reader], sort_keys=True, default=str),
+            tuple(os.path.getmtime(f) for f in spec.files),
+        )
         if key not in _FRAME_CACHE:
             _FRAME_CACHE[key] = read_frames(spec)
         out.append((spec, _FRAME_CACHE[key]))
@@ -366,18 +442,29 @@ def energy_only_scale(frames) -> float:
         refs = fit_reference_energies(frames, species)
     except Exception:
         return 1.0
-    resid = np.array([f.energy - sum(refs.get(chemical_symbols[int(z)], 0.0)
-                                     for z in f.numbers) for f in frames])
+    resid = np.array(
+        [
+            f.energy
+            - sum(refs.get(chemical_symbols[int(z)], 0.0) for z in f.numbers)
+            for f in frames
+        ]
+    )
     natoms = np.mean([len(f.numbers) for f in frames])
     s = float(np.std(resid) / np.sqrt(natoms))
     return s if np.isfinite(s) and s > 1e-4 else 1.0
 
 
-def stage_raw(mi: MethodInput, databases: Sequence[Dict[str, Any]], *,
-              best_fidelity: str, epochs: Optional[int] = None,
-              mode: Optional[str] = None, lr: Optional[float] = None,
-              train_extra: Optional[Dict[str, Any]] = None,
-              base_dir: Optional[str] = None) -> Dict[str, Any]:
+def stage_raw(
+    mi: MethodInput,
+    databases: Sequence[Dict[str, Any]],
+    *,
+    best_fidelity: str,
+    epochs: Optional[int] = None,
+    mode: Optional[str] = None,
+    lr: Optional[float] = None,
+    train_extra: Optional[Dict[str, Any]] = None,
+    base_dir: Optional[str] = None,
+) -> Dict[str, Any]:
     """The training YAML (as a dict) of one stage."""
     import warnings
 
@@ -390,8 +477,11 @@ def stage_raw(mi: MethodInput, databases: Sequence[Dict[str, Any]], *,
     if epochs is not None:
         train['epoch'] = int(epochs)
         sp = train.get('scheduler_param')
-        if str(train.get('scheduler', '')).lower() == 'linearlr' and \
-                isinstance(sp, dict) and 'total_iters' in sp:
+        if (
+            str(train.get('scheduler', '')).lower() == 'linearlr'
+            and isinstance(sp, dict)
+            and 'total_iters' in sp
+        ):
             sp['total_iters'] = int(epochs)
     if lr is not None:
         train['optim_param'] = dict(train.get('optim_param') or {}, lr=float(lr))
@@ -407,16 +497,22 @@ def stage_raw(mi: MethodInput, databases: Sequence[Dict[str, Any]], *,
         data['reference_energies'] = {k: v for k, v in refs.items() if k in fids}
     names = {db['name'] for db in databases}
     sampling = data.get('sampling')
-    if isinstance(sampling, dict) and isinstance(sampling.get('ratios'), dict) and \
-            set(sampling['ratios']) != names:
+    if (
+        isinstance(sampling, dict)
+        and isinstance(sampling.get('ratios'), dict)
+        and set(sampling['ratios']) != names
+    ):
         data.pop('sampling')  # the YAML's ratios name databases this stage lacks
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         frames = _frames_of(databases, base_dir)
     n_train = sum(_n_training(s, f) for s, f in frames)
     if mi.min_epoch_length and n_train < mi.min_epoch_length:
-        data['sampling'] = {'mode': 'temperature', 'temperature': 1.0,
-                            'epoch_length': int(mi.min_epoch_length)}
+        data['sampling'] = {
+            'mode': 'temperature',
+            'temperature': 1.0,
+            'epoch_length': int(mi.min_epoch_length),
+        }
     if data.get('scale', 'force_rms') == 'force_rms' and not train.get('pretrained'):
         has_forces = any(fr.present.get('force') for _, fs in frames for fr in fs)
         if not has_forces:
@@ -451,24 +547,39 @@ class MethodResult:
             'method': self.method,
             'hf_fidelity': self.hf_fidelity,
             'parts': [{'checkpoint': rel(c), 'fidelity': f} for c, f in self.parts],
-            'stages': [{'name': s.name, 'directory': rel(s.directory),
-                        'checkpoint': rel(s.checkpoint), 'seconds': round(s.seconds, 2),
-                        'trained_now': s.trained_now} for s in self.stages],
+            'stages': [
+                {
+                    'name': s.name,
+                    'directory': rel(s.directory),
+                    'checkpoint': rel(s.checkpoint),
+                    'seconds': round(s.seconds, 2),
+                    'trained_now': s.trained_now,
+                }
+                for s in self.stages
+            ],
             'note': 'HF prediction = sum over parts of checkpoint at fidelity',
         }
 
 
 def lf_stage(mi: MethodInput, epochs: Optional[int]) -> Tuple[str, Dict[str, Any]]:
-    raw = stage_raw(mi, mi.lf_databases, best_fidelity=mi.lf_fidelities[0],
-                    epochs=epochs)
+    raw = stage_raw(
+        mi, mi.lf_databases, best_fidelity=mi.lf_fidelities[0], epochs=epochs
+    )
     return 'lf', raw
 
 
-def run_method(mi: MethodInput, method: Optional[str], working_dir: str, *,
-               resume: bool = False, screen: bool = True,
-               epochs: Optional[int] = None, shared_dir: Optional[str] = None,
-               graph_cache: Optional[str] = None,
-               log: Callable[[str], None] = print) -> MethodResult:
+def run_method(
+    mi: MethodInput,
+    method: Optional[str],
+    working_dir: str,
+    *,
+    resume: bool = False,
+    screen: bool = True,
+    epochs: Optional[int] = None,
+    shared_dir: Optional[str] = None,
+    graph_cache: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> MethodResult:
     """Train ``method`` (default ``mi.method``) in ``working_dir``.
 
     ``shared_dir``: where stages that do not depend on the HF data (the LF
@@ -477,8 +588,9 @@ def run_method(mi: MethodInput, method: Optional[str], working_dir: str, *,
     """
     method = method or mi.method
     if method is None:
-        raise MethodError('no method: give --method or train.method '
-                          f'({", ".join(METHODS)})')
+        raise MethodError(
+            f'no method: give --method or train.method ({", ".join(METHODS)})'
+        )
     _check_method(method)
     _validate(mi, method)
     if epochs is not None:
@@ -492,9 +604,13 @@ def run_method(mi: MethodInput, method: Optional[str], working_dir: str, *,
 
     def stage(name, raw, shared=False):
         if shared and shared_dir:
-            d = os.path.join(shared_dir, f'{name}_{fingerprint(raw, mi.base_dir)[:12]}')
+            d = os.path.join(
+                shared_dir, f'{name}_{fingerprint(raw, mi.base_dir)[:12]}'
+            )
             return run_stage(name, raw, mi.base_dir, d, **dict(kw, resume=True))
-        return run_stage(name, raw, mi.base_dir, os.path.join(working_dir, name), **kw)
+        return run_stage(
+            name, raw, mi.base_dir, os.path.join(working_dir, name), **kw
+        )
 
     stages: List[StageResult] = []
     if method == 'hf-only':
@@ -511,13 +627,21 @@ def run_method(mi: MethodInput, method: Optional[str], working_dir: str, *,
         _, raw = lf_stage(mi, opt.get('pretrain_epochs', E))
         stages.append(stage('lf', raw, shared=True))
         lf = mi.lf_fidelities[0]
-        extra = {'pretrained': stages[-1].checkpoint, 'pretrained_add': {hf: lf},
-                 'fit_new_references': True}
+        extra = {
+            'pretrained': stages[-1].checkpoint,
+            'pretrained_add': {hf: lf},
+            'fit_new_references': True,
+        }
         if opt.get('shared_lr_factor') is not None:
             extra['shared_lr_factor'] = float(opt['shared_lr_factor'])
-        raw = stage_raw(mi, mi.hf_databases, best_fidelity=hf,
-                        epochs=opt.get('finetune_epochs', E),
-                        lr=opt.get('finetune_lr'), train_extra=extra)
+        raw = stage_raw(
+            mi,
+            mi.hf_databases,
+            best_fidelity=hf,
+            epochs=opt.get('finetune_epochs', E),
+            lr=opt.get('finetune_lr'),
+            train_extra=extra,
+        )
         stages.append(stage('finetune', raw))
         parts = [(stages[-1].checkpoint, hf)]
     elif method == 'delta':
@@ -528,8 +652,13 @@ def run_method(mi: MethodInput, method: Optional[str], working_dir: str, *,
         _, raw = lf_stage(mi, opt.get('lf_epochs', E))
         stages.append(stage('lf', raw, shared=True))
         dbs = delta_databases(mi, lf, os.path.join(working_dir, 'delta_data'))
-        raw = stage_raw(mi, dbs, best_fidelity=DELTA_FIDELITY,
-                        epochs=opt.get('delta_epochs', E), base_dir=mi.base_dir)
+        raw = stage_raw(
+            mi,
+            dbs,
+            best_fidelity=DELTA_FIDELITY,
+            epochs=opt.get('delta_epochs', E),
+            base_dir=mi.base_dir,
+        )
         stages.append(stage('delta', raw))
         parts = [(stages[0].checkpoint, lf), (stages[1].checkpoint, DELTA_FIDELITY)]
     else:  # pragma: no cover
@@ -539,9 +668,15 @@ def run_method(mi: MethodInput, method: Optional[str], working_dir: str, *,
     return result
 
 
-def train_cli(path: str, working_dir: str, method: Optional[str] = None,
-              resume: bool = False, screen: bool = True,
-              epochs: Optional[int] = None) -> MethodResult:
+def train_cli(
+    path: str,
+    working_dir: str,
+    method: Optional[str] = None,
+    resume: bool = False,
+    screen: bool = True,
+    epochs: Optional[int] = None,
+) -> MethodResult:
     mi = read_method_input(path)
-    return run_method(mi, method, working_dir, resume=resume, screen=screen,
-                      epochs=epochs)
+    return run_method(
+        mi, method, working_dir, resume=resume, screen=screen, epochs=epochs
+    )

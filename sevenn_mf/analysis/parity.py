@@ -21,7 +21,9 @@ def parse_data_args(items: Sequence[str]) -> Dict[str, List[str]]:
     return out
 
 
-def parity_report(source: str, data: Dict[str, List[str]], out_dir: str) -> Dict[str, Dict]:
+def parity_report(
+    source: str, data: Dict[str, List[str]], out_dir: str
+) -> Dict[str, Dict]:
     """For each fidelity: parity_<fidelity>.png and a row in summary.csv.
     ``source``: checkpoint or method run (``model.json``; its HF fidelity only)."""
     from .predict import MethodModel
@@ -32,14 +34,19 @@ def parity_report(source: str, data: Dict[str, List[str]], out_dir: str) -> Dict
         model = MethodModel.load(source, fid)
         _, p = model.predict_files(files)
         errors = error_summary(p)
-        png = parity_plot(p, os.path.join(out_dir, f'parity_{fid}.png'),
-                          title=f'{model.describe()} at {fid}: '
-                          + ', '.join(os.path.basename(f) for f in files))
+        png = parity_plot(
+            p,
+            os.path.join(out_dir, f'parity_{fid}.png'),
+            title=f'{model.describe()} at {fid}: '
+            + ', '.join(os.path.basename(f) for f in files),
+        )
         results[fid] = {'n_structures': len(p.e_ref), 'errors': errors, 'plot': png}
     with open(os.path.join(out_dir, 'summary.csv'), 'w', newline='') as fh:
         w = csv.writer(fh)
         keys = list(next(iter(results.values()))['errors']) if results else []
         w.writerow(['fidelity', 'n_structures'] + keys)
         for fid, r in results.items():
-            w.writerow([fid, r['n_structures']] + [f'{r["errors"][k]:.6g}' for k in keys])
+            w.writerow(
+                [fid, r['n_structures']] + [f'{r["errors"][k]:.6g}' for k in keys]
+            )
     return results

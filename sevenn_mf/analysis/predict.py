@@ -19,25 +19,32 @@ from ..evaluate import Predictions, predict
 MODEL_JSON = 'model.json'
 
 
-def read_parts(source: str, fidelity: Optional[str] = None
-               ) -> Tuple[List[Tuple[str, Optional[str]]], Dict[str, Any]]:
+def read_parts(
+    source: str, fidelity: Optional[str] = None
+) -> Tuple[List[Tuple[str, Optional[str]]], Dict[str, Any]]:
     """((checkpoint, fidelity) parts, model.json content or {})."""
     source = str(source)
     path = source
     if os.path.isdir(source):
         path = os.path.join(source, MODEL_JSON)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f'{source}: a folder without {MODEL_JSON} '
-                                    '(not a sevenn_mf train --method run)')
+            raise FileNotFoundError(
+                f'{source}: a folder without {MODEL_JSON} '
+                '(not a sevenn_mf train --method run)'
+            )
     if path.endswith('.json'):
         with open(path) as f:
             meta = json.load(f)
         d = os.path.dirname(os.path.abspath(path))
-        parts = [(os.path.normpath(os.path.join(d, p['checkpoint'])), p['fidelity'])
-                 for p in meta['parts']]
+        parts = [
+            (os.path.normpath(os.path.join(d, p['checkpoint'])), p['fidelity'])
+            for p in meta['parts']
+        ]
         if fidelity is not None and fidelity != meta.get('hf_fidelity'):
-            raise ValueError(f'{source} predicts {meta.get("hf_fidelity")} only '
-                             f'(asked for {fidelity})')
+            raise ValueError(
+                f'{source} predicts {meta.get("hf_fidelity")} only '
+                f'(asked for {fidelity})'
+            )
         return parts, meta
     return [(source, fidelity)], {}
 
@@ -45,8 +52,11 @@ def read_parts(source: str, fidelity: Optional[str] = None
 class MethodModel:
     """The sum of ``parts`` (checkpoint, fidelity)."""
 
-    def __init__(self, parts: Sequence[Tuple[str, Optional[str]]],
-                 meta: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(
+        self,
+        parts: Sequence[Tuple[str, Optional[str]]],
+        meta: Optional[Dict[str, Any]] = None,
+    ) -> None:
         from ..checkpoint import Checkpoint
         from ..model import resolve_fidelity
 
@@ -54,13 +64,15 @@ class MethodModel:
         self.parts = []
         for ckpt, fid in parts:
             cp = Checkpoint(ckpt)
-            self.parts.append((cp, resolve_fidelity(cp.config, fid), cp.build_model()))
+            self.parts.append(
+                (cp, resolve_fidelity(cp.config, fid), cp.build_model())
+            )
         cutoffs = {cp.cutoff for cp, _, _ in self.parts}
         if len(cutoffs) > 1:
             raise ValueError(f'the parts have different cutoffs {sorted(cutoffs)}')
 
     @classmethod
-    def load(cls, source: str, fidelity: Optional[str] = None) -> 'MethodModel':
+    def load(cls, source: str, fidelity: Optional[str] = None) -> MethodModel:
         parts, meta = read_parts(source, fidelity)
         return cls(parts, meta)
 
@@ -73,9 +85,13 @@ class MethodModel:
         return self.parts[0][0].species
 
     def describe(self) -> str:
-        return ' + '.join(f'{os.path.basename(cp.path)}@{fid}' for cp, fid, _ in self.parts)
+        return ' + '.join(
+            f'{os.path.basename(cp.path)}@{fid}' for cp, fid, _ in self.parts
+        )
 
-    def predict_graphs(self, graphs: Sequence[Any], batch_size: int = 8) -> Predictions:
+    def predict_graphs(
+        self, graphs: Sequence[Any], batch_size: int = 8
+    ) -> Predictions:
         total: Optional[Predictions] = None
         for cp, fid, model in self.parts:
             p = predict(cp, graphs, fid, batch_size, model=model)
@@ -87,7 +103,9 @@ class MethodModel:
             total.s_pred = [a + b for a, b in zip(total.s_pred, p.s_pred)]
         return total
 
-    def predict_frames(self, frames: Sequence[Any], batch_size: int = 8) -> Predictions:
+    def predict_frames(
+        self, frames: Sequence[Any], batch_size: int = 8
+    ) -> Predictions:
         from ase.data import chemical_symbols
 
         from ..data.graphs import build_graphs
@@ -96,13 +114,18 @@ class MethodModel:
         for fr in frames:  # labels are optional here: only the species must fit
             extra = {chemical_symbols[int(z)] for z in fr.numbers} - known
             if extra:
-                raise ValueError(f'{fr.where}: element(s) {", ".join(sorted(extra))} '
-                                 f'not in the model (species: {", ".join(self.species)})')
-        graphs = build_graphs(list(frames), self.cutoff, 'predict', 1.0, desc='predict')
+                raise ValueError(
+                    f'{fr.where}: element(s) {", ".join(sorted(extra))} '
+                    f'not in the model (species: {", ".join(self.species)})'
+                )
+        graphs = build_graphs(
+            list(frames), self.cutoff, 'predict', 1.0, desc='predict'
+        )
         return self.predict_graphs(graphs, batch_size)
 
-    def predict_files(self, files: Sequence[str], batch_size: int = 8
-                      ) -> Tuple[List[Any], Predictions]:
+    def predict_files(
+        self, files: Sequence[str], batch_size: int = 8
+    ) -> Tuple[List[Any], Predictions]:
         frames = read_files(files)
         return frames, self.predict_frames(frames, batch_size)
 
@@ -114,8 +137,12 @@ class MethodModel:
             return SevenNetMFCalculator(cp, fid, device=device)
         from ase.calculators.mixing import SumCalculator
 
-        return SumCalculator([SevenNetMFCalculator(cp, fid, device=device)
-                              for cp, fid, _ in self.parts])
+        return SumCalculator(
+            [
+                SevenNetMFCalculator(cp, fid, device=device)
+                for cp, fid, _ in self.parts
+            ]
+        )
 
 
 def read_files(files: Sequence[str]) -> List[Any]:

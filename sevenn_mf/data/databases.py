@@ -35,12 +35,23 @@ from sevenn.train.dataload import _set_atoms_y
 from sevenn.train.graph_dataset import SevenNetGraphDataset
 
 LABELS = ('energy', 'force', 'stress')
-ALLOWED_KEYS = ('name', 'fidelity', 'files', 'weight', 'validation', 'reader', 'role')
+ALLOWED_KEYS = (
+    'name',
+    'fidelity',
+    'files',
+    'weight',
+    'validation',
+    'reader',
+    'role',
+)
 ROLES = ('train', 'valid', 'test')
 LABEL_KEYS = {'energy': 'energy_key', 'force': 'force_key', 'stress': 'stress_key'}
 # Names under which ASE readers store each label in a SinglePointCalculator.
-_CALC_NAMES = {'energy': ('energy', 'free_energy'), 'force': ('forces',),
-               'stress': ('stress',)}
+_CALC_NAMES = {
+    'energy': ('energy', 'free_energy'),
+    'force': ('forces',),
+    'stress': ('stress',),
+}
 _MAX_REPORTED = 20
 
 
@@ -302,7 +313,7 @@ class Frame:
         energy_key: Optional[str] = None,
         force_key: Optional[str] = None,
         stress_key: Optional[str] = None,
-    ) -> 'Frame':
+    ) -> Frame:
         """Label a copy of ``atoms`` (the caller's object is left untouched)."""
         work = atoms.copy()
         work.calc = atoms.calc
@@ -314,7 +325,9 @@ def _graph_array(graph: Any, key: str) -> np.ndarray:
     return np.asarray(graph[key].detach().cpu().numpy(), dtype=float)
 
 
-def read_frames(source: Union[str, os.PathLike, DatabaseSpec], **reader) -> List[Frame]:
+def read_frames(
+    source: Union[str, os.PathLike, DatabaseSpec], **reader
+) -> List[Frame]:
     """Read every structure of a database spec, or of one file.
 
     ``reader`` holds ``ase.io.read`` arguments (``index`` defaults to ':')
@@ -416,7 +429,9 @@ def _labelled_frame(
     except DataError:
         raise
     except Exception as e:
-        raise DataError(f'{where}: cannot take labels ({type(e).__name__}: {e})') from e
+        raise DataError(
+            f'{where}: cannot take labels ({type(e).__name__}: {e})'
+        ) from e
     frame = Frame(file=file, index=index, atoms=atoms, reader=dict(reader))
     for label in LABELS:
         if present[label] is None:
@@ -469,9 +484,7 @@ def _read_sevenn_graphs(path: str) -> List[Frame]:
     frames = []
     for i, graph in enumerate(graphs):
         frame = Frame(file=path, index=i, graph=graph, cutoff=cutoff)
-        frame.present = {
-            k: not np.isnan(frame.label(k)).all() for k in LABELS
-        }
+        frame.present = {k: not np.isnan(frame.label(k)).all() for k in LABELS}
         frames.append(frame)
     return frames
 
@@ -482,7 +495,9 @@ def _load_sevenn_graphs(path: str, meta_path: str, cutoff: float) -> list:
         warnings.filterwarnings('ignore', message='Weights only load failed')
         folder = os.path.dirname(path)
         if os.path.basename(folder) == 'sevenn_data':
-            graphs = SevenNetGraphDataset._read_graph_dataset(path, cutoff, log=False)
+            graphs = SevenNetGraphDataset._read_graph_dataset(
+                path, cutoff, log=False
+            )
         else:
             # sevenn only loads '<root>/sevenn_data/<name>.pt'; link it there.
             with tempfile.TemporaryDirectory() as tmp:
@@ -523,8 +538,7 @@ def validate_frames(
         more = len(problems) - len(shown)
         tail = [f'... and {more} more'] if more else []
         raise DataError(
-            f'{len(problems)} problems in the data:\n  '
-            + '\n  '.join(shown + tail)
+            f'{len(problems)} problems in the data:\n  ' + '\n  '.join(shown + tail)
         )
 
 
@@ -548,8 +562,10 @@ def _frame_problems(frame: Frame, known: Optional[set], min_distance: float):
         nan, inf = np.isnan(value), np.isinf(value)
         name = {'force': 'forces'}.get(label, label)
         if inf.any():
-            yield (f'{where}: {name} contain inf '
-                   f'({int(inf.sum())} of {value.size} values)')
+            yield (
+                f'{where}: {name} contain inf '
+                f'({int(inf.sum())} of {value.size} values)'
+            )
         if nan.all():
             if frame.present.get(label):
                 yield f'{where}: {name} label is present but NaN'
@@ -577,7 +593,8 @@ def _frame_problems(frame: Frame, known: Optional[set], min_distance: float):
             i, j, d = close
             pair = (
                 f'atom {i} is {d:.2f} Å from its own periodic image'
-                if i == j else f'atoms {i} and {j} are {d:.2f} Å apart'
+                if i == j
+                else f'atoms {i} and {j} are {d:.2f} Å apart'
             )
             yield f'{where}: {pair} (< {min_distance} Å)'
 

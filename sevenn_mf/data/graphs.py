@@ -34,7 +34,9 @@ log = logging.getLogger(__name__)
 T = TypeVar('T')
 
 
-def normalize_weight(weight: Union[float, Dict[str, float], None]) -> Dict[str, float]:
+def normalize_weight(
+    weight: Union[float, Dict[str, float], None],
+) -> Dict[str, float]:
     if weight is None:
         return {k: 1.0 for k in LABELS}
     if isinstance(weight, (int, float)):
@@ -74,7 +76,9 @@ def build_graphs(
         path = os.path.join(cache_dir, f'{key}.pt')
         graphs = _load_cache(path)
         if graphs is not None:
-            log.info('loaded %d %s graphs from cache %s', len(graphs), fidelity, path)
+            log.info(
+                'loaded %d %s graphs from cache %s', len(graphs), fidelity, path
+            )
             return graphs
     graphs = _build(frames, cutoff, desc or f'graphs ({fidelity})', num_workers)
     for frame, graph in zip(frames, graphs):
@@ -99,10 +103,14 @@ def _build(frames: List[Frame], cutoff: float, desc: str, num_workers: int):
     if num_workers > 1 and len(atoms) > 1:
         chunk = max(1, len(atoms) // (4 * num_workers))
         with ProcessPoolExecutor(num_workers) as pool:
-            dicts = list(tqdm(
-                pool.map(_atoms_to_dict, atoms, [cutoff] * len(atoms), chunksize=chunk),
-                **bar,
-            ))
+            dicts = list(
+                tqdm(
+                    pool.map(
+                        _atoms_to_dict, atoms, [cutoff] * len(atoms), chunksize=chunk
+                    ),
+                    **bar,
+                )
+            )
     else:
         dicts = [_atoms_to_dict(a, cutoff) for a in tqdm(atoms, **bar)]
     built = iter(AtomGraphData.from_numpy_dict(d) for d in dicts)
@@ -174,9 +182,10 @@ def _pack(graphs: List[Any]) -> dict:
     columns = {}
     for k in keys:
         values = [g[k] if k in g else None for g in graphs]
-        if all(isinstance(v, torch.Tensor) for v in values) and len(
-            {(v.dtype, v.dim()) for v in values}
-        ) == 1:
+        if (
+            all(isinstance(v, torch.Tensor) for v in values)
+            and len({(v.dtype, v.dim()) for v in values}) == 1
+        ):
             shapes = torch.tensor([list(v.shape) for v in values], dtype=torch.long)
             columns[k] = {
                 'data': torch.cat([v.reshape(-1) for v in values]),
@@ -205,8 +214,9 @@ def _unpack(packed: dict) -> List[Any]:
         if 'data' in col:
             shapes = col['shapes']
             sizes = shapes.prod(dim=1).tolist()
-            for d, part, shape in zip(per_graph, col['data'].split(sizes),
-                                      shapes.tolist()):
+            for d, part, shape in zip(
+                per_graph, col['data'].split(sizes), shapes.tolist()
+            ):
                 d[k] = part.view(shape)
         elif 'constant' in col:
             for d in per_graph:

@@ -44,7 +44,9 @@ class DatabaseSampler(Sampler[int]):
         self.sizes = [int(n) for n in sizes]
         if any(n <= 0 for n in self.sizes):
             raise ValueError(f'every database needs structures, sizes: {self.sizes}')
-        self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
+        self.names = (
+            list(names) if names is not None else [str(i) for i in range(len(sizes))]
+        )
         self.mode = mode
         self.seed = seed
         self.shuffle = shuffle
@@ -57,8 +59,10 @@ class DatabaseSampler(Sampler[int]):
         total = sum(self.sizes)
         self.epoch_length = int(epoch_length or total)
         if mode == 'proportional' and epoch_length not in (None, total):
-            raise ValueError('proportional sampling visits every structure once; '
-                             'epoch_length applies to temperature/explicit modes')
+            raise ValueError(
+                'proportional sampling visits every structure once; '
+                'epoch_length applies to temperature/explicit modes'
+            )
         if mode == 'temperature':
             w = [n ** (1.0 / temperature) for n in self.sizes]
         elif mode == 'explicit':
@@ -67,8 +71,10 @@ class DatabaseSampler(Sampler[int]):
             missing = set(self.names) - set(ratios)
             extra = set(ratios) - set(self.names)
             if missing or extra:
-                raise ValueError(f'explicit ratios must name each database once '
-                                 f'(missing: {sorted(missing)}, unknown: {sorted(extra)})')
+                raise ValueError(
+                    f'explicit ratios must name each database once '
+                    f'(missing: {sorted(missing)}, unknown: {sorted(extra)})'
+                )
             w = [float(ratios[n]) for n in self.names]
         else:
             w = [float(n) for n in self.sizes]
@@ -109,11 +115,11 @@ class DatabaseSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         order = self._global_order()
         if self.mode == 'proportional':
-            return iter(order[self.rank::self.num_replicas])
+            return iter(order[self.rank :: self.num_replicas])
         padded = self.num_samples * self.num_replicas
         if len(order) < padded:  # pad by wrapping so every rank has equal steps
             order = order + order[: padded - len(order)]
-        return iter(order[self.rank:padded:self.num_replicas])
+        return iter(order[self.rank : padded : self.num_replicas])
 
     def __len__(self) -> int:
         return self.num_samples

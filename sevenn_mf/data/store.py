@@ -76,8 +76,9 @@ def _lmdb():
     try:
         import lmdb
     except ImportError as e:  # pragma: no cover - install_requires has it
-        raise ImportError("data.storage: lmdb needs the 'lmdb' package "
-                          '(pip install lmdb)') from e
+        raise ImportError(
+            "data.storage: lmdb needs the 'lmdb' package (pip install lmdb)"
+        ) from e
     return lmdb
 
 
@@ -90,8 +91,15 @@ class GraphSummary:
     """What the statistics need of one structure. ``numbers``/``energy``/
     ``forces`` make it acceptable to :func:`fit_reference_energies`."""
 
-    __slots__ = ('numbers', 'energy', 'fsq', 'fcount', 'n_edges', 'n_atoms',
-                 'stress_ok')
+    __slots__ = (
+        'numbers',
+        'energy',
+        'fsq',
+        'fcount',
+        'n_edges',
+        'n_atoms',
+        'stress_ok',
+    )
     forces = None
 
     def __init__(self, numbers, energy, fsq, fcount, n_edges, n_atoms, stress_ok):
@@ -109,8 +117,15 @@ def _summary_of(z, energy, force, stress, n_edges, n_atoms) -> GraphSummary:
     # float32 graph tensors
     f = np.asarray(force, dtype=float)
     f = f[~np.isnan(f)]
-    return GraphSummary(np.asarray(z), float(energy), float(np.sum(f * f)), int(f.size),
-                        int(n_edges), int(n_atoms), bool(np.isfinite(stress).all()))
+    return GraphSummary(
+        np.asarray(z),
+        float(energy),
+        float(np.sum(f * f)),
+        int(f.size),
+        int(n_edges),
+        int(n_atoms),
+        bool(np.isfinite(stress).all()),
+    )
 
 
 def summarize(graph: Any) -> GraphSummary:
@@ -137,9 +152,17 @@ class _SummaryColumns:
     def __init__(self) -> None:
         self.z = array('h')
         self.offsets = array('q', [0])
-        self.cols = {k: array(t) for k, t in (('energy', 'd'), ('fsq', 'd'),
-                                               ('fcount', 'q'), ('n_edges', 'q'),
-                                               ('n_atoms', 'q'), ('stress_ok', 'b'))}
+        self.cols = {
+            k: array(t)
+            for k, t in (
+                ('energy', 'd'),
+                ('fsq', 'd'),
+                ('fcount', 'q'),
+                ('n_edges', 'q'),
+                ('n_atoms', 'q'),
+                ('stress_ok', 'b'),
+            )
+        }
 
     def add(self, s: GraphSummary) -> None:
         self.z.extend(int(v) for v in s.numbers)
@@ -148,8 +171,10 @@ class _SummaryColumns:
             col.append(getattr(s, k))
 
     def to_arrays(self) -> Dict[str, np.ndarray]:
-        out = {'z': np.frombuffer(self.z, dtype=np.int16).copy(),
-               'offsets': np.frombuffer(self.offsets, dtype=np.int64).copy()}
+        out = {
+            'z': np.frombuffer(self.z, dtype=np.int16).copy(),
+            'offsets': np.frombuffer(self.offsets, dtype=np.int64).copy(),
+        }
         for k, col in self.cols.items():
             out[k] = np.array(col)
         return out
@@ -185,7 +210,7 @@ def store_key(spec: DatabaseSpec, cutoff: float) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
-# ---- build -------------------------------------------------------------------------
+# ---- build ------------------------------------------------------------------------
 def iter_frames(spec: DatabaseSpec) -> Iterator[Frame]:
     """The frames of a database, one at a time (``index: ':'``; other
     selections and sevenn ``.pt`` files are read per file)."""
@@ -215,11 +240,12 @@ def iter_frames(spec: DatabaseSpec) -> Iterator[Frame]:
                     raise DataError(f'{path}: cannot be read ({kind}: {e})') from e
                 raise DataError(
                     f'{path}, frame {n}: cannot be read, the file may be '
-                    f'truncated or malformed ({kind}: {e})') from e
+                    f'truncated or malformed ({kind}: {e})'
+                ) from e
             yield _labelled_frame(atoms, path, n, keys, kwargs)
             n += 1
         if n == 0:
-            raise DataError(f'{path}: no structures in file (index=\':\')')
+            raise DataError(f"{path}: no structures in file (index=':')")
 
 
 def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
@@ -231,7 +257,8 @@ def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
             if np.issubdtype(v.dtype, np.floating):
                 v = v.astype(np.float32)
             elif np.issubdtype(v.dtype, np.integer) and (
-                    v.size == 0 or np.abs(v).max() < 2**31 - 1):
+                v.size == 0 or np.abs(v).max() < 2**31 - 1
+            ):
                 v = v.astype(np.int32)
         out[k] = v
     return out
@@ -246,8 +273,14 @@ def _process(frame: Frame, cutoff: float):
     try:
         if frame.graph is not None:
             if frame.cutoff != cutoff:
-                return [f'{frame.where}: pre-built graph has cutoff {frame.cutoff}, '
-                        f'not {cutoff}; rebuild it from the structures'], None, None
+                return (
+                    [
+                        f'{frame.where}: pre-built graph has cutoff {frame.cutoff}, '
+                        f'not {cutoff}; rebuild it from the structures'
+                    ],
+                    None,
+                    None,
+                )
             g = frame.graph.clone()
             for k in (KEY.DATA_MODALITY, KEY.DATA_WEIGHT):
                 if k in g:
@@ -259,12 +292,20 @@ def _process(frame: Frame, cutoff: float):
             d = _compact(_atoms_to_dict(frame.atoms, cutoff))
             d[KEY.INFO] = info
             value = ('n', d)
-            summary = _summary_of(d[KEY.ATOMIC_NUMBERS], d[KEY.ENERGY], d[KEY.FORCE],
-                                  d[KEY.STRESS], d[KEY.EDGE_IDX].shape[1],
-                                  d[KEY.NUM_ATOMS])
+            summary = _summary_of(
+                d[KEY.ATOMIC_NUMBERS],
+                d[KEY.ENERGY],
+                d[KEY.FORCE],
+                d[KEY.STRESS],
+                d[KEY.EDGE_IDX].shape[1],
+                d[KEY.NUM_ATOMS],
+            )
     except Exception as e:
-        return [f'{frame.where}: cannot build a graph ({type(e).__name__}: {e})'], \
-            None, None
+        return (
+            [f'{frame.where}: cannot build a graph ({type(e).__name__}: {e})'],
+            None,
+            None,
+        )
     return [], pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), summary
 
 
@@ -273,7 +314,9 @@ def _raise_problems(problems: List[str], total: int) -> None:
         raise DataError(problems[0])
     more = total - len(problems)
     tail = [f'... and {more} more'] if more else []
-    raise DataError(f'{total} problems in the data:\n  ' + '\n  '.join(problems + tail))
+    raise DataError(
+        f'{total} problems in the data:\n  ' + '\n  '.join(problems + tail)
+    )
 
 
 def _put(env, start: int, values: List[bytes]) -> None:
@@ -288,15 +331,29 @@ def _put(env, start: int, values: List[bytes]) -> None:
             env.set_mapsize(env.info()['map_size'] * 2)
 
 
-def build_store(spec: DatabaseSpec, cutoff: float, path: str, num_workers: int = 1,
-                log: Callable[[str], None] = print) -> None:
+def build_store(
+    spec: DatabaseSpec,
+    cutoff: float,
+    path: str,
+    num_workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> None:
     """Stream ``spec``'s frames into a new store at ``path`` (atomically)."""
     lmdb = _lmdb()
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp')
-    env = lmdb.open(tmp, map_size=64 << 20, subdir=True, meminit=False,
-                    readahead=False, sync=False, max_dbs=0)
+    tmp = tempfile.mkdtemp(
+        dir=folder, prefix='.' + os.path.basename(path), suffix='.tmp'
+    )
+    env = lmdb.open(
+        tmp,
+        map_size=64 << 20,
+        subdir=True,
+        meminit=False,
+        readahead=False,
+        sync=False,
+        max_dbs=0,
+    )
     pool = ProcessPoolExecutor(num_workers) if num_workers > 1 else None
     problems: List[str] = []
     n_problems = n = 0
@@ -311,7 +368,9 @@ def build_store(spec: DatabaseSpec, cutoff: float, path: str, num_workers: int =
                 break
             if pool is not None:
                 size = max(1, len(chunk) // (4 * num_workers))
-                results = pool.map(_process, chunk, [cutoff] * len(chunk), chunksize=size)
+                results = pool.map(
+                    _process, chunk, [cutoff] * len(chunk), chunksize=size
+                )
             else:
                 results = (_process(f, cutoff) for f in chunk)
             values = []
@@ -331,17 +390,26 @@ def build_store(spec: DatabaseSpec, cutoff: float, path: str, num_workers: int =
         if n_problems:
             _raise_problems(problems, n_problems)
         meta = {
-            'format': STORE_FORMAT_VERSION, 'n': n, 'cutoff': float(cutoff),
-            'name': spec.name, 'files': list(spec.files), 'reader': dict(spec.reader),
-            'sevenn': sevenn.__version__, 'elements': sorted(first_seen),
+            'format': STORE_FORMAT_VERSION,
+            'n': n,
+            'cutoff': float(cutoff),
+            'name': spec.name,
+            'files': list(spec.files),
+            'reader': dict(spec.reader),
+            'sevenn': sevenn.__version__,
+            'elements': sorted(first_seen),
             'first_seen': first_seen,
         }
-        summary_blob = pickle.dumps(columns.to_arrays(), protocol=pickle.HIGHEST_PROTOCOL)
+        summary_blob = pickle.dumps(
+            columns.to_arrays(), protocol=pickle.HIGHEST_PROTOCOL
+        )
         while True:
             try:
                 with env.begin(write=True) as txn:
                     txn.put(_SUMMARY, summary_blob)
-                    txn.put(_META, pickle.dumps(meta))  # last: marks a complete store
+                    txn.put(
+                        _META, pickle.dumps(meta)
+                    )  # last: marks a complete store
                 break
             except lmdb.MapFullError:
                 env.set_mapsize(env.info()['map_size'] * 2)
@@ -370,8 +438,13 @@ def is_complete(path: str) -> bool:
     return os.path.isfile(os.path.join(path, 'data.mdb'))
 
 
-def open_store(spec: DatabaseSpec, cutoff: float, store_dir: str, num_workers: int = 1,
-               log: Callable[[str], None] = print) -> 'GraphStore':
+def open_store(
+    spec: DatabaseSpec,
+    cutoff: float,
+    store_dir: str,
+    num_workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> GraphStore:
     """The database's store, built first if it does not exist yet."""
     path = os.path.join(store_dir, store_key(spec, cutoff) + '.lmdb')
     if not is_complete(path):
@@ -381,7 +454,7 @@ def open_store(spec: DatabaseSpec, cutoff: float, store_dir: str, num_workers: i
     return GraphStore(path)
 
 
-# ---- read --------------------------------------------------------------------------
+# ---- read -------------------------------------------------------------------------
 def _resident_file_pages() -> Optional[int]:
     """Resident file-backed (shared) memory of this process in bytes (Linux),
     None where /proc is not there."""
@@ -428,8 +501,15 @@ class _Environments:
             if not self.open_envs:
                 self._baseline = _resident_file_pages()
                 self._charged = 0
-            env = _lmdb().open(path, readonly=True, lock=False, readahead=False,
-                               meminit=False, subdir=True, max_readers=512)
+            env = _lmdb().open(
+                path,
+                readonly=True,
+                lock=False,
+                readahead=False,
+                meminit=False,
+                subdir=True,
+                max_readers=512,
+            )
             self.open_envs[key] = env
         return env
 
@@ -476,8 +556,10 @@ class GraphStore:
             self.meta = pickle.loads(meta)
             self._summary = pickle.loads(txn.get(_SUMMARY))
         if self.meta.get('format') != STORE_FORMAT_VERSION:
-            raise DataError(f'{path}: graph store format {self.meta.get("format")}, '
-                            f'expected {STORE_FORMAT_VERSION}')
+            raise DataError(
+                f'{path}: graph store format {self.meta.get("format")}, '
+                f'expected {STORE_FORMAT_VERSION}'
+            )
 
     @property
     def reopened(self) -> int:
@@ -504,22 +586,33 @@ class GraphStore:
             return AtomGraphData.from_numpy_dict(d)
         return AtomGraphData(**d)
 
-    def summaries(self, indices: Optional[Sequence[int]] = None) -> List[GraphSummary]:
+    def summaries(
+        self, indices: Optional[Sequence[int]] = None
+    ) -> List[GraphSummary]:
         s = self._summary
         off = s['offsets']
         idx = range(len(self)) if indices is None else indices
-        return [GraphSummary(s['z'][off[i]:off[i + 1]], float(s['energy'][i]),
-                             float(s['fsq'][i]), int(s['fcount'][i]),
-                             int(s['n_edges'][i]), int(s['n_atoms'][i]),
-                             bool(s['stress_ok'][i])) for i in idx]
+        return [
+            GraphSummary(
+                s['z'][off[i] : off[i + 1]],
+                float(s['energy'][i]),
+                float(s['fsq'][i]),
+                int(s['fcount'][i]),
+                int(s['n_edges'][i]),
+                int(s['n_atoms'][i]),
+                bool(s['stress_ok'][i]),
+            )
+            for i in idx
+        ]
 
 
 class StoreSubset(Dataset):
     """Graphs ``indices`` of a store, tagged with fidelity and loss weights
     as :func:`sevenn_mf.data.graphs.build_graphs` tags in-memory graphs."""
 
-    def __init__(self, store: GraphStore, indices: Sequence[int], fidelity: str,
-                 weight=None) -> None:
+    def __init__(
+        self, store: GraphStore, indices: Sequence[int], fidelity: str, weight=None
+    ) -> None:
         self.store = store
         self.indices = np.asarray(indices, dtype=np.int64)
         self.fidelity = fidelity
@@ -542,13 +635,14 @@ class StoreSubset(Dataset):
         return self.store.summaries(self.indices)
 
 
-# ---- training data ------------------------------------------------------------------
-def prepare_store_data(config: Dict[str, Any], working_dir: str,
-                       log: Callable[[str], None] = print):
+# ---- training data ----------------------------------------------------------------
+def prepare_store_data(
+    config: Dict[str, Any], working_dir: str, log: Callable[[str], None] = print
+):
     """``prepare_data`` for ``data.storage: lmdb``: the same TrainingData, with
     StoreSubset datasets in place of graph lists."""
-    from ase.data import chemical_symbols
     import sevenn.util as sevenn_util
+    from ase.data import chemical_symbols
 
     from .. import _sevenn as S
     from ..train import Database, TrainingData, _fill_statistics, _resolve_fidelities
@@ -559,7 +653,9 @@ def prepare_store_data(config: Dict[str, Any], working_dir: str,
     base_dir = config.get('_base_dir', os.getcwd())
     specs = parse_databases(config[S.DATABASES], base_dir)
     cutoff = float(config[KEY.CUTOFF])
-    store_dir = config.get(S.GRAPH_STORE_DIR) or os.path.join(working_dir, 'graph_store')
+    store_dir = config.get(S.GRAPH_STORE_DIR) or os.path.join(
+        working_dir, 'graph_store'
+    )
     if not os.path.isabs(store_dir):
         store_dir = os.path.join(base_dir, store_dir)
     workers = max(1, int(config.get(S.PREPROCESS_WORKERS, 1) or 1))
@@ -573,24 +669,32 @@ def prepare_store_data(config: Dict[str, Any], working_dir: str,
             vspec.files = list(vfiles)
             vspec.validation = None
             vspec.name = f'{spec.name} (validation)'
-            valid_stores[spec.name] = open_store(vspec, cutoff, store_dir, workers, log)
+            valid_stores[spec.name] = open_store(
+                vspec, cutoff, store_dir, workers, log
+            )
 
     everything = list(stores.values()) + list(valid_stores.values())
     chem = config[KEY.CHEMICAL_SPECIES]
     if isinstance(chem, str) and chem.lower() == 'auto':
         numbers = set(z for st in everything for z in st.elements)
-        config.update(sevenn_util.chemical_species_preprocess(
-            sorted(chemical_symbols[z] for z in numbers)))
+        config.update(
+            sevenn_util.chemical_species_preprocess(
+                sorted(chemical_symbols[z] for z in numbers)
+            )
+        )
     else:
-        known = {chemical_symbols.index(s) if isinstance(s, str) else int(s)
-                 for s in chem}
+        known = {
+            chemical_symbols.index(s) if isinstance(s, str) else int(s) for s in chem
+        }
         for st in everything:
             unknown = sorted(set(st.elements) - known)
             if unknown:
                 names = ', '.join(chemical_symbols[z] for z in unknown)
                 allowed = ', '.join(sorted(chemical_symbols[z] for z in known))
-                raise DataError(f"{st.meta['first_seen'][unknown[0]]}: contains {names}, "
-                                f'which the model does not know (species: {allowed})')
+                raise DataError(
+                    f'{st.meta["first_seen"][unknown[0]]}: contains {names}, '
+                    f'which the model does not know (species: {allowed})'
+                )
     _resolve_fidelities(config, specs)
 
     seed = int(config.get(KEY.RANDOM_SEED, 1))
@@ -598,17 +702,24 @@ def prepare_store_data(config: Dict[str, Any], working_dir: str,
     for spec in specs:
         st = stores[spec.name]
         db = Database(spec)
-        sub = lambda store, idx: StoreSubset(store, idx, spec.fidelity,  # noqa: E731
-                                             spec.weight)
+
+        def sub(store, idx, spec=spec):
+            return StoreSubset(store, idx, spec.fidelity, spec.weight)
+
         everything_idx = range(len(st))
         if getattr(spec, 'role', 'train') == 'valid':
             db.valid = sub(st, everything_idx)
         elif spec.name in valid_stores:
             db.train = sub(st, everything_idx)
-            db.valid = sub(valid_stores[spec.name], range(len(valid_stores[spec.name])))
+            db.valid = sub(
+                valid_stores[spec.name], range(len(valid_stores[spec.name]))
+            )
         elif spec.validation and spec.validation.get('ratio'):
-            tr, va = split_validation(everything_idx, float(spec.validation['ratio']),
-                                      int(spec.validation.get('seed', seed)))
+            tr, va = split_validation(
+                everything_idx,
+                float(spec.validation['ratio']),
+                int(spec.validation.get('seed', seed)),
+            )
             db.train, db.valid = sub(st, tr), sub(st, va)
         else:
             db.train = sub(st, everything_idx)

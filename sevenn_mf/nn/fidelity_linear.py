@@ -22,18 +22,19 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
+import sevenn._keys as KEY
 import torch
 import torch.nn as nn
 from e3nn.o3 import Irreps, Linear
 from e3nn.util.jit import compile_mode
-
-import sevenn._keys as KEY
 from sevenn.nn.linear import IrrepsLinear
 
 AtomGraphDataType = Dict[str, torch.Tensor]
 
 
-def _instruction_map(linear: Linear) -> Dict[Tuple[int, int], Tuple[int, int, float]]:
+def _instruction_map(
+    linear: Linear,
+) -> Dict[Tuple[int, int], Tuple[int, int, float]]:
     """(i_in, i_out) -> (offset, numel, path_weight) in the flat weight vector."""
     out = {}
     offset = 0
@@ -71,13 +72,15 @@ def transfer_weights(
     """
     dst_map = _instruction_map(dst)
     src_map = _instruction_map(src)
-    out = torch.zeros(dst.weight_numel, dtype=src_weight.dtype, device=src_weight.device)
+    out = torch.zeros(
+        dst.weight_numel, dtype=src_weight.dtype, device=src_weight.device
+    )
     for key, (d_off, d_n, d_pw) in dst_map.items():
         if key not in src_map:
             continue
         s_off, s_n, s_pw = src_map[key]
         assert s_n == d_n, f'path {key} has {s_n} weights in source, {d_n} in target'
-        out[d_off:d_off + d_n] = src_weight[s_off:s_off + s_n] * (s_pw / d_pw)
+        out[d_off : d_off + d_n] = src_weight[s_off : s_off + s_n] * (s_pw / d_pw)
     return out
 
 
@@ -150,7 +153,7 @@ class FidelityLinear(nn.Module):
     @classmethod
     def from_irreps_linear(
         cls, module: IrrepsLinear, num_fidelities: int, mode: str
-    ) -> 'FidelityLinear':
+    ) -> FidelityLinear:
         """A fresh layer at the position of sevenn's (not yet built) IrrepsLinear."""
         return cls(
             module._irreps_in_wo_modal,
@@ -175,12 +178,16 @@ class FidelityLinear(nn.Module):
             return modal[data[self.key_batch]]
         return modal.reshape(-1)[:1].expand(n)
 
-    def _forward_onehot(self, data: AtomGraphDataType, x: torch.Tensor) -> torch.Tensor:
+    def _forward_onehot(
+        self, data: AtomGraphDataType, x: torch.Tensor
+    ) -> torch.Tensor:
         fid = self._node_fidelity(data, x.shape[0])
         onehot = torch.nn.functional.one_hot(fid, self.num_fidelities).to(x.dtype)
         return self.linear(torch.cat([x, onehot], dim=1))
 
-    def _forward_indexed(self, data: AtomGraphDataType, x: torch.Tensor) -> torch.Tensor:
+    def _forward_indexed(
+        self, data: AtomGraphDataType, x: torch.Tensor
+    ) -> torch.Tensor:
         modal = data[self.key_modal].reshape(-1)
         if not self._is_batch_data or bool((modal == modal[0]).all()):
             f = modal[0]
@@ -228,7 +235,9 @@ class FidelityLinear(nn.Module):
             own = _bias_slices(self.linear)
             for i_out, (off, n) in own.items():
                 d_off, _ = bias_slices[i_out]
-                b[d_off:d_off + n] = (self.bias + self.delta_bias[fidelity])[off:off + n]
+                b[d_off : d_off + n] = (self.bias + self.delta_bias[fidelity])[
+                    off : off + n
+                ]
             return w.clone(), b
 
         src = self.linear
@@ -237,25 +246,30 @@ class FidelityLinear(nn.Module):
         if self.shared_biases:
             for i_out, (off, n) in _bias_slices(src).items():
                 d_off, _ = bias_slices[i_out]
-                b[d_off:d_off + n] += src.bias[off:off + n]
+                b[d_off : d_off + n] += src.bias[off : off + n]
         i_modal = len(self.irreps_in)  # the appended F x 0e block
         for (i_in, i_out), (off, n, pw) in _instruction_map(src).items():
             if i_in != i_modal:
                 continue
-            rows = src.weight[off:off + n].reshape(self.num_fidelities, -1)
+            rows = src.weight[off : off + n].reshape(self.num_fidelities, -1)
             d_off, d_n = bias_slices[i_out]
-            b[d_off:d_off + d_n] += rows[fidelity] * pw
+            b[d_off : d_off + d_n] += rows[fidelity] * pw
         return w, b
 
     @torch.no_grad()
-    def to_mode(self, mode: str) -> 'FidelityLinear':
+    def to_mode(self, mode: str) -> FidelityLinear:
         """The same function in the other formulation (onehot -> indexed is exact;
         indexed -> onehot only when all dW_f are zero)."""
         if mode == self.mode:
             return self
         new = FidelityLinear(
-            self.irreps_in, self.irreps_out, self.num_fidelities, mode,
-            self.key_input, self.key_output, biases=self.shared_biases,
+            self.irreps_in,
+            self.irreps_out,
+            self.num_fidelities,
+            mode,
+            self.key_input,
+            self.key_output,
+            biases=self.shared_biases,
         )
         new._is_batch_data = self._is_batch_data
         ref = next(iter(self.parameters()))
@@ -272,7 +286,7 @@ class FidelityLinear(nn.Module):
             for f, (_, b) in enumerate(folded):
                 for i_out, (off, n) in own.items():
                     d_off, _ = pb[i_out]
-                    new.delta_bias[f, off:off + n] = b[d_off:d_off + n]
+                    new.delta_bias[f, off : off + n] = b[d_off : d_off + n]
             return new
         # indexed -> onehot
         if any(not torch.allclose(folded[0][0], w) for w, _ in folded[1:]):
@@ -288,22 +302,28 @@ class FidelityLinear(nn.Module):
             if i_in != i_modal:
                 continue
             d_off, d_n = pb[i_out]
-            rows = torch.stack([b[d_off:d_off + d_n] for _, b in folded]) / pw
-            dst.weight[off:off + n] = rows.reshape(-1)
+            rows = torch.stack([b[d_off : d_off + d_n] for _, b in folded]) / pw
+            dst.weight[off : off + n] = rows.reshape(-1)
         if self.shared_biases:
             dst.bias.zero_()
         # scalar outputs not reached by the one-hot would need a bias
-        reached = {i_out for (i_in, i_out) in _instruction_map(dst) if i_in == i_modal}
+        reached = {
+            i_out for (i_in, i_out) in _instruction_map(dst) if i_in == i_modal
+        }
         for i_out, (d_off, d_n) in pb.items():
             if i_out not in reached and any(
-                b[d_off:d_off + d_n].abs().max() > 0 for _, b in folded
+                b[d_off : d_off + d_n].abs().max() > 0 for _, b in folded
             ):
                 raise ValueError('bias on an output the one-hot does not reach')
         return new
 
     @torch.no_grad()
-    def load_plain(self, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                   plain_biases: bool = False) -> None:
+    def load_plain(
+        self,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        plain_biases: bool = False,
+    ) -> None:
         """Initialise every fidelity from a plain sevenn IrrepsLinear's e3nn weights
         (all fidelities then compute exactly the plain layer)."""
         src = Linear(self.irreps_in, self.irreps_out, biases=plain_biases)
@@ -322,8 +342,10 @@ class FidelityLinear(nn.Module):
             own = _bias_slices(self.linear)
             for i_out, (off, n) in _bias_slices(src).items():
                 o_off, _ = own[i_out]
-                self.bias[o_off:o_off + n] = bias[off:off + n]
+                self.bias[o_off : o_off + n] = bias[off : off + n]
 
     def fidelity_parameters(self) -> List[str]:
         """Names of parameters that depend on the fidelity (for freezing the rest)."""
-        return ['linear.weight'] if self.is_onehot else ['delta_weight', 'delta_bias']
+        return (
+            ['linear.weight'] if self.is_onehot else ['delta_weight', 'delta_bias']
+        )

@@ -8,12 +8,12 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
+import sevenn._keys as KEY
 import torch
 from ase import Atoms
 from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 
-import sevenn._keys as KEY
 from sevenn_mf.data import (
     DataError,
     Frame,
@@ -50,9 +50,7 @@ def _cell(i, n_rattle=0.05):
 
 def _labelled(atoms, energy=-10.0, forces=None, stress=None):
     kw = {'energy': energy}
-    kw['forces'] = (
-        np.full((len(atoms), 3), 0.1) if forces is None else forces
-    )
+    kw['forces'] = np.full((len(atoms), 3), 0.1) if forces is None else forces
     if stress is not None:
         kw['stress'] = stress
     atoms.calc = SinglePointCalculator(atoms, **kw)
@@ -97,14 +95,37 @@ def test_parse_databases_globs_relative_paths_and_defaults():
     [
         ({'name': 'x', 'files': 'a.extxyz'}, "database 'x' has no fidelity"),
         ({'name': 'x', 'fidelity': 'f', 'files': 'nope*.extxyz'}, 'no file matches'),
-        ({'name': 'x', 'fidelity': 'f', 'files': 'a.extxyz', 'wieght': 1},
-         'allowed keys: name, fidelity, files'),
-        ({'name': 'x', 'fidelity': 'f', 'files': 'a.extxyz',
-          'weight': {'forces': 2}}, "unknown weight key(s) 'forces'"),
-        ({'name': 'x', 'fidelity': 'f', 'files': 'a.extxyz',
-          'validation': {'ratio': 1.5}}, 'ratio must be in (0, 1)'),
-        ({'name': 'x', 'fidelity': 'f', 'files': 'a.extxyz',
-          'validation': {'files': 'a.extxyz'}}, 'both a training and a validation'),
+        (
+            {'name': 'x', 'fidelity': 'f', 'files': 'a.extxyz', 'wieght': 1},
+            'allowed keys: name, fidelity, files',
+        ),
+        (
+            {
+                'name': 'x',
+                'fidelity': 'f',
+                'files': 'a.extxyz',
+                'weight': {'forces': 2},
+            },
+            "unknown weight key(s) 'forces'",
+        ),
+        (
+            {
+                'name': 'x',
+                'fidelity': 'f',
+                'files': 'a.extxyz',
+                'validation': {'ratio': 1.5},
+            },
+            'ratio must be in (0, 1)',
+        ),
+        (
+            {
+                'name': 'x',
+                'fidelity': 'f',
+                'files': 'a.extxyz',
+                'validation': {'files': 'a.extxyz'},
+            },
+            'both a training and a validation',
+        ),
     ],
 )
 def test_parse_databases_errors(tmp_path, entry, expected):
@@ -124,7 +145,7 @@ def test_parse_databases_duplicate_names(tmp_path):
         parse_databases(raw, base_dir=str(tmp_path))
 
 
-# ---- real data: partial labels -----------------------------------------------------
+# ---- real data: partial labels ----------------------------------------------------
 @needs_data
 def test_ingan_r2scan_has_forces_but_no_stress():
     frames = read_frames(DATA / 'ingan' / 'hf_train_r2scan.extxyz')
@@ -165,10 +186,18 @@ def test_stress_uses_sevenn_convention():
 def test_mixed_fidelity_batch_collates_for_sevenn_loss():
     from torch_geometric.loader import DataLoader
 
-    pbe = build_graphs(read_frames(DATA / 'ingan' / 'hf_train_pbe.extxyz',
-                                   index=':2'), 5.0, 'pbe', 1.0)
-    r2 = build_graphs(read_frames(DATA / 'ingan' / 'hf_train_r2scan.extxyz',
-                                  index=':2'), 5.0, 'r2scan', 7.0)
+    pbe = build_graphs(
+        read_frames(DATA / 'ingan' / 'hf_train_pbe.extxyz', index=':2'),
+        5.0,
+        'pbe',
+        1.0,
+    )
+    r2 = build_graphs(
+        read_frames(DATA / 'ingan' / 'hf_train_r2scan.extxyz', index=':2'),
+        5.0,
+        'r2scan',
+        7.0,
+    )
     batch = next(iter(DataLoader(pbe + r2, batch_size=4)))
     assert batch[KEY.DATA_MODALITY] == ['pbe', 'pbe', 'r2scan', 'r2scan']
     w = batch[KEY.DATA_WEIGHT]['energy']
@@ -250,7 +279,9 @@ def test_close_atoms_are_an_error(tmp_path):
 
 
 def test_close_atoms_across_periodic_boundary(tmp_path):
-    atoms = _labelled(Atoms('N2', [[0.1, 1, 1], [4.8, 1, 1]], cell=[5, 5, 5], pbc=True))
+    atoms = _labelled(
+        Atoms('N2', [[0.1, 1, 1], [4.8, 1, 1]], cell=[5, 5, 5], pbc=True)
+    )
     frames = read_frames(_write(tmp_path / 'pbc.extxyz', [atoms]))
     with pytest.raises(DataError, match='atoms 0 and 1 are 0.30 Å apart'):
         validate_frames(frames)
@@ -274,7 +305,9 @@ def test_structure_without_energy_and_forces(tmp_path):
     frames[1].calc = None
     frames = read_frames(_write(tmp_path / 'bare.extxyz', frames))
     assert frames[1].present == {'energy': False, 'force': False, 'stress': False}
-    with pytest.raises(DataError, match='frame 1: has neither an energy nor a force'):
+    with pytest.raises(
+        DataError, match='frame 1: has neither an energy nor a force'
+    ):
         validate_frames(frames)
 
 
@@ -310,8 +343,9 @@ def test_label_keys_match_calculator_labels(tmp_path):
     # a stored result without energy next to a keyed energy
     no_stress.calc = SinglePointCalculator(no_stress, forces=forces)
     a = read_frames(_write(tmp_path / 'calc.extxyz', [by_calc]))[0]
-    keys = dict(energy_key='dft_energy', force_key='dft_forces',
-                stress_key='dft_stress')
+    keys = dict(
+        energy_key='dft_energy', force_key='dft_forces', stress_key='dft_stress'
+    )
     b, c = read_frames(_write(tmp_path / 'keys.extxyz', [by_key, no_stress]), **keys)
     assert a.energy == b.energy == -3.0
     np.testing.assert_allclose(a.forces, b.forces)
@@ -325,8 +359,9 @@ def test_reads_sevenn_pt_graphs(tmp_path):
     from sevenn.train.graph_dataset import SevenNetGraphDataset
 
     src = _write(tmp_path / 'src.extxyz', _good_frames(3))
-    SevenNetGraphDataset(cutoff=4.0, root=str(tmp_path), files=[src],
-                         processed_name='g.pt', log=False)
+    SevenNetGraphDataset(
+        cutoff=4.0, root=str(tmp_path), files=[src], processed_name='g.pt', log=False
+    )
     moved = tmp_path / 'elsewhere'
     moved.mkdir()
     for ext in ('pt', 'yaml'):  # sevenn needs the sevenn_data layout; we do not
@@ -342,7 +377,7 @@ def test_reads_sevenn_pt_graphs(tmp_path):
         build_graphs(frames, 5.0, 'pbe')
 
 
-# ---- cache ---------------------------------------------------------------------------
+# ---- cache ------------------------------------------------------------------------
 @needs_data
 def test_cache_reuses_graphs_and_rebuilds_changed_files(tmp_path, monkeypatch):
     path = tmp_path / 'r2.extxyz'
@@ -362,12 +397,15 @@ def test_cache_reuses_graphs_and_rebuilds_changed_files(tmp_path, monkeypatch):
         assert set(g1.keys()) == set(g2.keys())
         for k in g1.keys():
             if isinstance(g1[k], torch.Tensor):
-                torch.testing.assert_close(g1[k], g2[k], rtol=0, atol=0,
-                                           equal_nan=True, msg=k)
+                torch.testing.assert_close(
+                    g1[k], g2[k], rtol=0, atol=0, equal_nan=True, msg=k
+                )
             else:
                 assert g1[k] == g2[k], k
 
-    key = cache_key(frames, 5.0, 'r2scan', {'energy': 7.0, 'force': 7.0, 'stress': 7.0})
+    key = cache_key(
+        frames, 5.0, 'r2scan', {'energy': 7.0, 'force': 7.0, 'stress': 7.0}
+    )
     assert key != cache_key(frames, 5.0, 'r2scan', 1.0)
     assert key != cache_key(frames, 4.5, 'r2scan', 7.0)
     text = path.read_text()
@@ -428,7 +466,8 @@ def test_reference_energies_recovered():
     assert refs['O'] == 0.0  # absent from the data
     graphs = build_graphs(frames, 3.0, 'x')
     assert fit_reference_energies(graphs, [31, 49, 7])['In'] == pytest.approx(
-        refs['In'], abs=1e-4)
+        refs['In'], abs=1e-4
+    )
 
 
 def test_reference_energies_rank_deficient_end_members():
