@@ -206,8 +206,9 @@ def bench_throughput(args):
     from sevenn.train.trainer import Trainer
 
     from sevenn_mf.config import config_from_dict
+    from sevenn_mf.data.dataset import make_loaders, prepare_data
     from sevenn_mf.model import build_model
-    from sevenn_mf.train import make_loaders, make_trainer, prepare_data
+    from sevenn_mf.train import make_trainer
 
     n_low, n_high = split_sizes(args.n, args.hf)
     low, high = dataset_file(n_low, 'low'), dataset_file(n_high, 'high')
@@ -415,7 +416,8 @@ def _memory_child(args):
 
     torch.set_num_threads(int(os.environ.get('OMP_NUM_THREADS', '1')))
     from sevenn_mf.config import config_from_dict
-    from sevenn_mf.train import prepare_data, train
+    from sevenn_mf.data.dataset import prepare_data
+    from sevenn_mf.train import train
 
     n_low, n_high = split_sizes(args.n, args.hf)
     low, high = dataset_file(n_low, 'low'), dataset_file(n_high, 'high')

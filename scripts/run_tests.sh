@@ -8,6 +8,11 @@ set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 bash scripts/setup_env.sh || exit 1
+# lint and format (ruff, configured in pyproject.toml): a failure fails the run
+if ! python3 -m ruff check . || ! python3 -m ruff format --check .; then
+    echo "[tests] ruff found problems: run 'ruff check --fix . && ruff format .'" >&2
+    exit 1
+fi
 if [ -z "${SEVENN_MF_SKIP_LAMMPS_BUILD:-}" ]; then
     if out=$(bash scripts/build_lammps.sh --both); then
         echo "[tests] LAMMPS: $(echo "$out" | tail -n 1)" >&2

@@ -15,7 +15,8 @@ if ! have torch==2.13.0; then
     echo "[setup] installing torch==2.13.0 (CPU)" >&2
     "$PY" -m pip install -q torch==2.13.0
 fi
-if ! have sevenn==0.13.0 || ! "$PY" -c 'import sevenn_mf, lmdb' 2>/dev/null; then
+if ! have sevenn==0.13.0 || ! "$PY" -c 'import sevenn_mf, lmdb' 2>/dev/null \
+        || ! "$PY" -m ruff --version >/dev/null 2>&1; then
     echo "[setup] installing sevenn_mf (editable) with sevenn 0.13.0" >&2
     "$PY" -m pip install -q -e "$REPO[test,analysis]"
 fi

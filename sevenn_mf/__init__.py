@@ -5,13 +5,13 @@ version check); plain sevenn models are unaffected.
 """
 
 from . import _sevenn
+from .nn.fidelity_linear import FidelityLinear
 
-_sevenn.install_hooks()
+_sevenn.install_hooks(FidelityLinear.from_irreps_linear)
 
 from .calculator import SevenNetMFCalculator  # noqa: E402
 from .checkpoint import Checkpoint, list_fidelities, load_checkpoint  # noqa: E402
 from .model import build_model, fold  # noqa: E402
-from .nn.fidelity_linear import FidelityLinear  # noqa: E402
 
 __version__ = '0.1.0'
 __all__ = [

@@ -1,9 +1,14 @@
 """The one place where sevenn_mf touches sevenn internals.
 
 Everything sevenn-specific that is not a public, documented API lives here:
-the extra config keys, the model-builder hook and the version guard. Other
-modules import names from here instead of reaching into sevenn themselves, so a
-new sevenn release means reviewing this file only.
+the extra config keys, the model-builder hook, the version guard, and thin
+wrappers around the private sevenn helpers other modules need (label
+conversion, reading sevenn's graph files, the pretrained-name lookup without
+its download). sevenn's key and default tables (``sevenn._keys``,
+``sevenn._const``) are re-exported as ``KEY`` and ``CONST``. Other modules
+import these names from here instead of reaching into sevenn themselves, so a
+new sevenn release means reviewing this file only (tests/test_architecture.py
+keeps it that way).
 
 The hooks are installed once, at import of :mod:`sevenn_mf`, and are inert for
 configs that do not ask for fidelity layers: a plain SevenNet model or a native
@@ -16,13 +21,10 @@ import os
 from typing import Any, Dict
 
 import sevenn
-import sevenn._const as _const
-import sevenn._keys as KEY
-import sevenn.model_build as _model_build
-from sevenn.nn.linear import IrrepsLinear
 
 # Versions whose internals (builder layer names, IrrepsLinear attributes,
-# ModalWiseRescale, Trainer/processing_epoch_v2 signatures) were read and tested.
+# ModalWiseRescale, Trainer/processing_epoch_v2 signatures, the private helpers
+# wrapped below) were read and tested.
 TESTED_SEVENN_VERSIONS = ('0.13.0',)
 _ALLOW_ENV = 'SEVENN_MF_ALLOW_UNTESTED_SEVENN'
 
@@ -41,6 +43,18 @@ def check_sevenn_version(version: str = sevenn.__version__) -> None:
         f' or set {_ALLOW_ENV}=1 to try anyway.'
     )
 
+
+# before any internal is imported: an untested sevenn fails here, with this
+# message, not with whatever ImportError its changed internals would give
+check_sevenn_version()
+
+import sevenn._const as CONST  # noqa: E402
+import sevenn._keys as KEY  # noqa: E402
+import sevenn.model_build as _model_build  # noqa: E402
+import sevenn.util as _sevenn_util  # noqa: E402
+from sevenn.nn.linear import IrrepsLinear  # noqa: E402
+from sevenn.train.dataload import _set_atoms_y  # noqa: E402
+from sevenn.train.graph_dataset import SevenNetGraphDataset  # noqa: E402
 
 # ---- config keys -----------------------------------------------------------
 # Model section. ``fidelity_layer_mode`` switches the builder hook on; the
@@ -104,15 +118,15 @@ def _register_config_keys() -> None:
     for keys, defaults, cond in (
         (
             model_keys,
-            _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG,
-            _const.MODEL_CONFIG_CONDITION,
+            CONST.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG,
+            CONST.MODEL_CONFIG_CONDITION,
         ),
         (
             train_keys,
-            _const.DEFAULT_TRAINING_CONFIG,
-            _const.TRAINING_CONFIG_CONDITION,
+            CONST.DEFAULT_TRAINING_CONFIG,
+            CONST.TRAINING_CONFIG_CONDITION,
         ),
-        (data_keys, _const.DEFAULT_DATA_CONFIG, _const.DATA_CONFIG_CONDITION),
+        (data_keys, CONST.DEFAULT_DATA_CONFIG, CONST.DATA_CONFIG_CONDITION),
     ):
         for k, (default, condition) in keys.items():
             defaults.setdefault(k, default)
@@ -144,16 +158,25 @@ def patch_fidelity_layers(layers, config: Dict[str, Any]):
     mode = config.get(FIDELITY_LAYER_MODE)
     if not mode or not config.get(KEY.USE_MODALITY, False):
         return _native_patch_modality(layers, config)
-    from sevenn_mf.nn.fidelity_linear import FidelityLinear
-
+    if _fidelity_layer is None:
+        raise RuntimeError('sevenn_mf hooks installed without a fidelity layer')
     n_fid = len(config[KEY.MODAL_MAP])
     for name, module in list(layers.items()):
         if isinstance(module, IrrepsLinear) and _is_fidelity_position(name, config):
-            layers[name] = FidelityLinear.from_irreps_linear(module, n_fid, mode)
+            layers[name] = _fidelity_layer(module, n_fid, mode)
     return layers
 
 
-def install_hooks() -> None:
+# (sevenn's IrrepsLinear, number of fidelities, mode) -> the layer replacing it;
+# registered by sevenn_mf/__init__.py (FidelityLinear.from_irreps_linear), so
+# that this module does not import the layer that imports it
+_fidelity_layer = None
+
+
+def install_hooks(fidelity_layer=None) -> None:
+    global _fidelity_layer
+    if fidelity_layer is not None:
+        _fidelity_layer = fidelity_layer
     check_sevenn_version()
     for attr in (
         'patch_modality',
@@ -174,3 +197,51 @@ def is_fidelity_config(config: Dict[str, Any]) -> bool:
     return bool(config.get(FIDELITY_LAYER_MODE)) and bool(
         config.get(KEY.USE_MODALITY, False)
     )
+
+
+# ---- private sevenn helpers, wrapped -------------------------------------------
+def set_atoms_labels(atoms_list, **label_keys) -> None:
+    """sevenn's own label conversion (``y_energy``/``y_force``/``y_stress`` in
+    sevenn's units, Voigt order and sign), so that labels match sevenn's
+    predictions exactly."""
+    _set_atoms_y(atoms_list, **label_keys)
+
+
+def read_graph_file(path: str, cutoff: float) -> list:
+    """The graphs of a sevenn ``sevenn_data/<name>.pt`` file (its loader)."""
+    return SevenNetGraphDataset._read_graph_dataset(path, cutoff, log=False)
+
+
+def install_prefix() -> str:
+    """Where sevenn's pretrained checkpoints live inside the installation."""
+    return CONST._prefix
+
+
+class NotLocal(Exception):
+    """A pretrained name whose checkpoint sevenn would have to download."""
+
+    def __init__(self, path: str, url: str) -> None:
+        super().__init__(path)
+        self.path, self.url = path, url
+
+
+def pretrained_path(name: str) -> str:
+    """sevenn's name -> path lookup, without its download.
+
+    ``sevenn.util.pretrained_name_to_path`` downloads checkpoints that the
+    wheel does not ship, and ``download_checkpoint`` creates their directory
+    inside site-packages before the HTTP request, so an offline attempt leaves
+    empty directories in the installation. The download function is replaced
+    for the duration of the lookup: a checkpoint that is not on disk raises
+    :class:`NotLocal`, and nothing is written anywhere.
+    """
+
+    def _refuse(path: str, url: str) -> str:
+        raise NotLocal(path, url)
+
+    saved = _sevenn_util.download_checkpoint
+    _sevenn_util.download_checkpoint = _refuse
+    try:
+        return _sevenn_util.pretrained_name_to_path(name)
+    finally:
+        _sevenn_util.download_checkpoint = saved

@@ -18,14 +18,13 @@ from datetime import datetime
 from typing import Any, Dict, List, Optional, Union
 
 import sevenn
-import sevenn._const as _const
-import sevenn._keys as KEY
 import sevenn.scripts.backward_compatibility as compat
 import sevenn.util as sevenn_util
 import torch
 from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
+from ._sevenn import KEY
 from .model import build_model, fidelity_names
 
 PathLike = Union[str, pathlib.Path]
@@ -35,36 +34,6 @@ class CheckpointError(ValueError):
     pass
 
 
-class _NotLocal(Exception):
-    """Raised instead of sevenn's download (see :func:`_pretrained_path`)."""
-
-    def __init__(self, path: str, url: str) -> None:
-        super().__init__(path)
-        self.path, self.url = path, url
-
-
-def _pretrained_path(name: str) -> str:
-    """sevenn's name -> path lookup, without its download.
-
-    ``sevenn.util.pretrained_name_to_path`` downloads checkpoints that the
-    wheel does not ship, and ``download_checkpoint`` creates their directory
-    inside site-packages before the HTTP request, so an offline attempt leaves
-    empty directories in the installation. The download function is replaced
-    for the duration of the lookup: a checkpoint that is not on disk gives our
-    error, and nothing is written anywhere.
-    """
-
-    def _refuse(path: str, url: str) -> str:
-        raise _NotLocal(path, url)
-
-    saved = sevenn_util.download_checkpoint
-    sevenn_util.download_checkpoint = _refuse
-    try:
-        return sevenn_util.pretrained_name_to_path(name)
-    finally:
-        sevenn_util.download_checkpoint = saved
-
-
 def _resolve_source(source: PathLike) -> str:
     source = str(source)
     if os.path.isfile(source):
@@ -72,8 +41,8 @@ def _resolve_source(source: PathLike) -> str:
     if os.path.exists(source):
         raise CheckpointError(f'{source} is not a file')
     try:
-        path = _pretrained_path(source)
-    except _NotLocal as exc:
+        path = S.pretrained_path(source)
+    except S.NotLocal as exc:
         raise CheckpointError(_offline_message(source, exc.path, exc.url)) from None
     except FileNotFoundError as exc:
         raise CheckpointError(_offline_message(source, str(exc), None)) from None
@@ -89,7 +58,7 @@ def _resolve_source(source: PathLike) -> str:
 
 
 def _offline_message(name: str, path: str, url: Optional[str]) -> str:
-    cache = path.replace(_const._prefix, os.path.expanduser('~/.cache/sevennet'))
+    cache = path.replace(S.install_prefix(), os.path.expanduser('~/.cache/sevennet'))
     where = f'from {url} ' if url else ''
     return (
         f'pretrained checkpoint {name!r} is not shipped inside the sevenn wheel '

@@ -28,7 +28,7 @@ def _train(args) -> int:
         print(f'model: {os.path.join(result.directory, "model.json")}')
         return 0
     config = load_config(args.input)
-    import sevenn._keys as KEY
+    from ._sevenn import KEY
 
     if args.epochs is not None:
         config[KEY.EPOCH] = args.epochs

@@ -17,11 +17,11 @@ import time
 from typing import Any, Dict, List, Tuple
 
 import sevenn
-import sevenn._keys as KEY
 import yaml
 from sevenn.parse_input import init_data_config, init_model_config, init_train_config
 
 from . import _sevenn as S
+from ._sevenn import KEY
 from .finetune import check_reference_options
 
 
@@ -149,7 +149,7 @@ def config_from_dict(raw: Dict[str, Any], base_dir: str = '.') -> Dict[str, Any]
 
 def split_sections(config: Dict[str, Any]) -> Tuple[Dict, Dict, Dict]:
     """For printing: which keys belong to which YAML section."""
-    import sevenn._const as C
+    from ._sevenn import CONST as C
 
     model = {
         k: v for k, v in config.items() if k in C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG

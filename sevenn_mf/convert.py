@@ -27,12 +27,12 @@ import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import sevenn
-import sevenn._keys as KEY
 import torch
 from sevenn.nn.scale import get_resolved_shift_scale
 from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
+from ._sevenn import KEY
 from .checkpoint import Checkpoint, save_checkpoint
 from .model import (
     FidelityError,
@@ -42,7 +42,7 @@ from .model import (
     fidelity_names,
     set_fidelities,
 )
-from .nn.fidelity_linear import FidelityLinear, _instruction_map
+from .nn.fidelity_linear import FidelityLinear, instruction_map
 
 # fidelity positions when a single-fidelity model is converted (sevenn's MF-0)
 DEFAULT_POSITIONS = {
@@ -132,9 +132,9 @@ def remap_layer(
     w_new = torch.zeros(
         new.linear.weight_numel, dtype=w_old.dtype, device=w_old.device
     )
-    old_map = _instruction_map(old.linear)
+    old_map = instruction_map(old.linear)
     i_modal = len(old.irreps_in)  # the appended F x 0e block
-    for key, (d_off, d_n, d_pw) in _instruction_map(new.linear).items():
+    for key, (d_off, d_n, d_pw) in instruction_map(new.linear).items():
         s_off, s_n, s_pw = old_map[key]
         block = w_old[s_off : s_off + s_n] * (s_pw / d_pw)
         if key[0] == i_modal:  # one row per fidelity

@@ -15,12 +15,12 @@ import os
 import tempfile
 from typing import Dict, List, Optional
 
-import sevenn._keys as KEY
 import torch
 from sevenn.scripts.deploy import deploy as sevenn_deploy
 from sevenn.scripts.deploy import deploy_parallel as sevenn_deploy_parallel
 
 from . import _sevenn as S
+from ._sevenn import KEY
 from .checkpoint import Checkpoint, PathLike, save_checkpoint
 from .model import convert_layer_mode, fold, resolve_fidelity
 

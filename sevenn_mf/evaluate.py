@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
-import sevenn._keys as KEY
 from torch_geometric.loader import DataLoader
 
+from ._sevenn import KEY
 from .checkpoint import Checkpoint, PathLike
 from .data.databases import read_frames, validate_frames
 from .data.graphs import build_graphs

@@ -54,17 +54,16 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-import sevenn._const as _const
-import sevenn._keys as KEY
 import torch
 from ase.data import chemical_symbols
 from torch_geometric.loader import DataLoader
 
 from . import _sevenn as S
+from ._sevenn import CONST, KEY
 from .convert import convert
 from .data.references import fit_reference_energies
 from .model import build_model, fidelity_layers, fidelity_parameter_names
-from .nn.fidelity_linear import _instruction_map
+from .nn.fidelity_linear import instruction_map
 
 FIT_TO_PRETRAINED = 'fit_to_pretrained'
 DEFAULT_SOURCE_FIDELITY = 'pbe'
@@ -137,7 +136,7 @@ def load_pretrained(
     of the fidelities added to the checkpoint's).
 
     The merged config is the YAML's with the model taken from the checkpoint,
-    ready for :func:`sevenn_mf.train.prepare_data` (the cutoff for the graphs,
+    ready for :func:`sevenn_mf.data.dataset.prepare_data` (the cutoff for the graphs,
     the species to validate against, the statistics already set)."""
     from .checkpoint import Checkpoint
 
@@ -184,7 +183,7 @@ def load_pretrained(
         - set(HONOURED_MODEL_KEYS)
         - set(S.MODAL_POSITION_KEYS)
         - {S.FIDELITIES}
-        if k in _const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
+        if k in CONST.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
         or k == KEY.CHEMICAL_SPECIES
     )
     if existing:
@@ -196,7 +195,7 @@ def load_pretrained(
         )
 
     merged = copy.deepcopy(config)
-    for k in list(_const.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG) + list(
+    for k in list(CONST.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG) + list(
         _MODEL_LIKE_KEYS
     ):
         if k in HONOURED_MODEL_KEYS or k not in mcfg:
@@ -364,7 +363,7 @@ def onehot_shared_masks(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
         w = layer.linear.weight
         mask = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
         i_modal = len(layer.irreps_in)
-        for (i_in, _), (off, n, _) in _instruction_map(layer.linear).items():
+        for (i_in, _), (off, n, _) in instruction_map(layer.linear).items():
             if i_in == i_modal:
                 mask[off : off + n] = False
         masks[f'{name}.linear.weight'] = mask.reshape(w.shape)

@@ -7,8 +7,9 @@ import os
 from collections import OrderedDict
 from typing import Dict, List
 
-import sevenn._keys as KEY
 import torch
+
+from ._sevenn import KEY
 
 EV_A3_TO_GPA = 160.21766208
 # (column, unit, scale from sevenn's eV-based units)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import sevenn._keys as KEY
 import torch
 from sevenn.model_build import build_E3_equivariant_model
 from sevenn.nn.scale import get_resolved_shift_scale
 from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
+from ._sevenn import KEY
 from .nn.fidelity_linear import FidelityLinear
 
 # modality keys that a plain (single-fidelity) sevenn config must not carry

@@ -1,9 +1,10 @@
 """Multi-fidelity training through sevenn's own Trainer and epoch loop.
 
-The flow: YAML -> databases -> validated frames -> graphs (cached) ->
-per-fidelity references -> sevenn config -> sevenn's builder (with our
-layers) -> ``MFTrainer`` (a sevenn ``Trainer`` subclass) ->
-``sevenn.scripts.processing_epoch.processing_epoch_v2``.
+The flow: config -> :func:`sevenn_mf.data.dataset.prepare_data` (databases,
+graphs, per-fidelity references: the data layer) -> sevenn's builder (with
+our layers) -> ``MFTrainer`` (a sevenn ``Trainer`` subclass) ->
+``sevenn.scripts.processing_epoch.processing_epoch_v2``. This module holds
+what trains: the trainer subclass, DDP set-up, checkpoints and the run loop.
 
 ``MFTrainer`` adds, by overriding a few Trainer methods, what the epoch loop
 lacks: atomic checkpoints, a ``checkpoint_last.pth`` every epoch for resuming,
@@ -14,337 +15,31 @@ units people quote (meV/atom, meV/Å, GPa) in a CSV.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
-import sevenn._keys as KEY
-import sevenn.util as sevenn_util
 import torch
 from sevenn.logger import Logger
 from sevenn.scripts.processing_epoch import processing_epoch_v2
 from sevenn.train.trainer import Trainer
-from torch.utils.data import ConcatDataset
-from torch_geometric.loader import DataLoader
 
 from . import _sevenn as S
 from . import finetune
+from ._sevenn import KEY
 from .checkpoint import atomic_torch_save
-from .data import graphs as G
-from .data.databases import (
-    DatabaseSpec,
-    parse_databases,
-    read_frames,
-    validate_frames,
-)
-from .data.references import as_univ_list, fit_reference_energies
-from .data.sampler import DatabaseSampler, ShardSampler
-from .data.store import force_sq_count
+from .data.dataset import TrainingData, make_loaders, prepare_data
+from .data.sampler import DatabaseSampler
 from .metrics import FidelityMetrics
-from .model import build_model, fidelity_parameter_names, set_fidelities
+from .model import build_model, fidelity_parameter_names
 
 LAST = 'checkpoint_last.pth'
 BEST = 'checkpoint_best.pth'
 _NUMBERED = re.compile(r'checkpoint_(\d+)\.pth$')
-
-
-@dataclass
-class Database:
-    spec: DatabaseSpec
-    train: List[Any] = field(default_factory=list)
-    valid: List[Any] = field(default_factory=list)
-
-
-@dataclass
-class TrainingData:
-    config: Dict[str, Any]
-    databases: List[Database]
-
-    @property
-    def fidelities(self) -> List[str]:
-        return list(self.config[S.FIDELITIES])
-
-    def train_graphs(self) -> List[Any]:
-        return [g for db in self.databases for g in db.train]
-
-    def summaries(self, fidelity: Optional[str] = None) -> List[Any]:
-        """Per-structure statistics inputs of the training structures (of one
-        fidelity), in database order; from the store without reading graphs."""
-        from .data.store import summarize
-
-        out: List[Any] = []
-        for db in self.databases:
-            if fidelity is None or db.spec.fidelity == fidelity:
-                out.extend(
-                    db.train.summaries()
-                    if hasattr(db.train, 'summaries')
-                    else [summarize(g) for g in db.train]
-                )
-        return out
-
-    def valid_sets(self) -> Dict[str, Any]:
-        """Loader name -> graphs: all, per fidelity, per database."""
-        sets: Dict[str, Any] = {}
-        everything = _concat([db.valid for db in self.databases])
-        if not len(everything):
-            return sets
-        sets['validset'] = everything
-        for fid in self.fidelities:
-            gs = _concat(
-                [db.valid for db in self.databases if db.spec.fidelity == fid]
-            )
-            if len(gs):
-                sets[f'{fid}_validset'] = gs
-        if len(self.databases) > len(self.fidelities):
-            for db in self.databases:
-                if db.valid:
-                    sets[f'{db.spec.name}_db_validset'] = db.valid
-        return sets
-
-
-def _concat(parts: List[Any]) -> Any:
-    """Graph lists stay a list; on-disk datasets (data.storage: lmdb) are
-    concatenated lazily."""
-    parts = [p for p in parts if len(p)]
-    if all(isinstance(p, list) for p in parts):
-        return [g for p in parts for g in p]
-    return parts[0] if len(parts) == 1 else ConcatDataset(parts)
-
-
-# ---- data -------------------------------------------------------------------------
-def _species_of(frames_by_db) -> List[str]:
-    from ase.data import chemical_symbols
-
-    numbers = set()
-    for frames in frames_by_db.values():
-        for fr in frames:
-            numbers.update(int(z) for z in fr.numbers)
-    return sorted(chemical_symbols[z] for z in numbers)
-
-
-def prepare_data(
-    config: Dict[str, Any], working_dir: str, log=print
-) -> TrainingData:
-    """Read, validate and graph all databases; fill the data-derived config
-    (species, fidelities, references, scale, conv denominator). All input
-    errors are raised here, before any model is built."""
-    if config.get(S.STORAGE, 'memory') == 'lmdb':
-        from .data.store import prepare_store_data
-
-        return prepare_store_data(config, working_dir, log)
-    config = copy.deepcopy(config)
-    base_dir = config.get('_base_dir', os.getcwd())
-    specs = parse_databases(config[S.DATABASES], base_dir)
-
-    # 1. read + validate everything first: errors surface before long work
-    frames_by_db = {}
-    for spec in specs:
-        frames_by_db[spec.name] = read_frames(spec)
-    chem = config[KEY.CHEMICAL_SPECIES]
-    auto_species = isinstance(chem, str) and chem.lower() == 'auto'
-    known = None if auto_species else list(chem)
-    for spec in specs:
-        validate_frames(frames_by_db[spec.name], species=known)
-    valid_frames = {}
-    for spec in specs:
-        vfiles = (spec.validation or {}).get('files')
-        if vfiles:
-            vspec = copy.deepcopy(spec)
-            vspec.files = list(vfiles)
-            vspec.validation = None
-            valid_frames[spec.name] = read_frames(vspec)
-            validate_frames(valid_frames[spec.name], species=known)
-
-    if auto_species:
-        config.update(
-            sevenn_util.chemical_species_preprocess(
-                _species_of({**frames_by_db, **valid_frames})
-            )
-        )
-
-    _resolve_fidelities(config, specs)
-
-    # 2. graphs
-    cutoff = float(config[KEY.CUTOFF])
-    cache_dir = config.get('graph_cache_dir') or os.path.join(
-        working_dir, 'graph_cache'
-    )
-    databases = []
-    seed = int(config.get(KEY.RANDOM_SEED, 1))
-    for spec in specs:
-        graphs = G.build_graphs(
-            frames_by_db[spec.name],
-            cutoff,
-            spec.fidelity,
-            spec.weight,
-            cache_dir=cache_dir,
-            desc=spec.name,
-        )
-        db = Database(spec)
-        role = getattr(spec, 'role', 'train')
-        if role == 'valid':
-            db.valid = graphs
-        elif spec.name in valid_frames:
-            db.train = graphs
-            db.valid = G.build_graphs(
-                valid_frames[spec.name],
-                cutoff,
-                spec.fidelity,
-                spec.weight,
-                cache_dir=cache_dir,
-                desc=f'{spec.name} (validation)',
-            )
-        elif spec.validation and spec.validation.get('ratio'):
-            db.train, db.valid = G.split_validation(
-                graphs,
-                float(spec.validation['ratio']),
-                int(spec.validation.get('seed', seed)),
-            )
-        else:
-            db.train = graphs
-        databases.append(db)
-    data = TrainingData(config, databases)
-    if not data.train_graphs():
-        raise ValueError('no training structures: every database is validation-only')
-
-    _fill_statistics(config, data, log)
-    return data
-
-
-def _resolve_fidelities(config: Dict[str, Any], specs: List[DatabaseSpec]) -> None:
-    fids = list(config.get(S.FIDELITIES) or [])
-    for spec in specs:
-        if spec.fidelity not in fids:
-            if config.get(S.FIDELITIES):
-                raise ValueError(
-                    f"database '{spec.name}' has fidelity '{spec.fidelity}', which "
-                    f'is not in model.fidelities ({", ".join(fids)})'
-                )
-            fids.append(spec.fidelity)
-    set_fidelities(config, fids, config[S.FIDELITY_LAYER_MODE])
-
-
-def _fill_statistics(config: Dict[str, Any], data: TrainingData, log) -> None:
-    """Per-fidelity element references (shift), shared scale, conv denominator."""
-    from ase.data import chemical_symbols
-
-    species = [chemical_symbols[z] for z in config[KEY.TYPE_MAP]]
-    user_refs = config.get(S.REFERENCE_ENERGIES) or {}
-    unknown = set(user_refs) - set(data.fidelities)
-    if unknown:
-        raise ValueError(
-            f'data.reference_energies names unknown fidelities '
-            f'{sorted(unknown)} (fidelities: {data.fidelities})'
-        )
-    shift = config.get(KEY.SHIFT)
-    if isinstance(shift, str):
-        if shift != 'elemwise_reference_energies':
-            raise ValueError(
-                'sevenn_mf fits per-fidelity element references: use '
-                'shift: elemwise_reference_energies, or give numbers'
-            )
-        refs = {}
-        for fid in data.fidelities:
-            graphs = data.summaries(fid)
-            fitted = fit_reference_energies(graphs, species) if graphs else {}
-            fitted = {el: fitted.get(el, 0.0) for el in species}
-            fitted.update(
-                {k: float(v) for k, v in (user_refs.get(fid) or {}).items()}
-            )
-            refs[fid] = fitted
-            log(
-                f'reference energies ({fid}): '
-                + ', '.join(f'{el} {e:.4f}' for el, e in fitted.items())
-                + ' eV'
-            )
-        config[KEY.SHIFT] = {fid: as_univ_list(r) for fid, r in refs.items()}
-        config[KEY.USE_MODAL_WISE_SHIFT] = True
-    summaries = data.summaries()
-    scale = config.get(KEY.SCALE)
-    if isinstance(scale, str):
-        if scale != 'force_rms':
-            raise ValueError("scale must be 'force_rms' or a number")
-        total, count = force_sq_count(summaries)  # = force_rms(train graphs)
-        if count == 0:
-            raise ValueError('no force labels: cannot compute a force scale')
-        rms = float(np.sqrt(total / count))
-        if not np.isfinite(rms) or rms <= 0:
-            rms = 1.0
-        config[KEY.SCALE] = float(rms)
-        config[KEY.USE_MODAL_WISE_SCALE] = False
-    denom = config.get(KEY.CONV_DENOMINATOR)
-    if isinstance(denom, str):
-        if denom not in ('avg_num_neigh', 'sqrt_avg_num_neigh'):
-            raise ValueError(f'conv_denominator {denom!r} is not supported')
-        n_edges = sum(s.n_edges for s in summaries)
-        n_atoms = sum(s.n_atoms for s in summaries)
-        avg = n_edges / max(n_atoms, 1)
-        config[KEY.CONV_DENOMINATOR] = float(
-            avg if denom == 'avg_num_neigh' else math.sqrt(avg)
-        )
-    has_stress = any(s.stress_ok for s in summaries)
-    if config.get(KEY.IS_TRAIN_STRESS, True) and not has_stress:
-        log('no training structure has a stress label: stress is not trained')
-        config[KEY.IS_TRAIN_STRESS] = False
-
-
-# ---- loaders ----------------------------------------------------------------------
-class NamedLoader:
-    """A DataLoader that knows its name (per-fidelity metrics need it)."""
-
-    def __init__(self, name: str, loader: DataLoader) -> None:
-        self.name = name
-        self.loader = loader
-        self.sampler = loader.sampler
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-
-def make_loaders(
-    data: TrainingData, config: Dict[str, Any], rank: int = 0, world_size: int = 1
-) -> Dict[str, NamedLoader]:
-    batch = int(config[KEY.BATCH_SIZE])
-    sampling = dict(config.get(S.SAMPLING) or {})
-    train_dbs = [db for db in data.databases if db.train]
-    sampler = DatabaseSampler(
-        [len(db.train) for db in train_dbs],
-        mode=sampling.pop('mode', 'proportional'),
-        names=[db.spec.name for db in train_dbs],
-        seed=int(config.get(KEY.RANDOM_SEED, 1)),
-        shuffle=bool(config.get(KEY.TRAIN_SHUFFLE, True)),
-        num_replicas=world_size,
-        rank=rank,
-        **sampling,
-    )
-    train = _concat([db.train for db in train_dbs])
-    extra = {}
-    workers = int(config.get(KEY.NUM_WORKERS, 0) or 0)
-    if workers > 0:  # e.g. with data.storage: lmdb, workers read the store
-        extra = {'num_workers': workers, 'persistent_workers': True}
-    loaders = {
-        'trainset': NamedLoader(
-            'trainset', DataLoader(train, batch_size=batch, sampler=sampler, **extra)
-        )
-    }
-    for name, graphs in data.valid_sets().items():
-        # under DDP each rank evaluates a disjoint shard; the errors are all-reduced
-        shard = (
-            ShardSampler(len(graphs), world_size, rank) if world_size > 1 else None
-        )
-        loaders[name] = NamedLoader(
-            name, DataLoader(graphs, batch_size=batch, sampler=shard, **extra)
-        )
-    return loaders
 
 
 # ---- trainer ----------------------------------------------------------------------

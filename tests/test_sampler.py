@@ -190,7 +190,7 @@ def test_config_sampling_reaches_the_sampler(tmp_path):
 
     from sevenn_mf.config import load_config
     from sevenn_mf.data.databases import DatabaseSpec
-    from sevenn_mf.train import Database, TrainingData, make_loaders
+    from sevenn_mf.data.dataset import Database, TrainingData, make_loaders
 
     raw = {
         'model': {'chemical_species': ['Cu'], 'cutoff': 4.0},

@@ -15,9 +15,10 @@ from torch_geometric.loader import DataLoader
 
 from sevenn_mf.config import config_from_dict
 from sevenn_mf.data.databases import DataError, read_frames
+from sevenn_mf.data.dataset import prepare_data
 from sevenn_mf.data.graphs import build_graphs
 from sevenn_mf.data.store import GraphStore, StoreSubset
-from sevenn_mf.train import prepare_data, train
+from sevenn_mf.train import train
 
 EPOCHS = 3
 

@@ -17,7 +17,8 @@ from conftest import QUICKSTART_DATA
 
 from sevenn_mf.config import config_from_dict, load_config
 from sevenn_mf.data.databases import DataError
-from sevenn_mf.train import prepare_data, train
+from sevenn_mf.data.dataset import prepare_data
+from sevenn_mf.train import train
 
 SMALL_MODEL = {
     'chemical_species': 'auto',

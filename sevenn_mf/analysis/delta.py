@@ -31,6 +31,8 @@ import torch
 from ase.calculators.mixing import SumCalculator
 
 PAIR_KEYS = ('set', 'index')
+# the fidelity name of model B (HF - LF differences)
+DELTA_FIDELITY = 'delta'
 
 
 class DeltaPairingError(ValueError):
@@ -127,38 +129,17 @@ def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
             numbers=src.numbers, positions=src.positions, cell=src.cell, pbc=src.pbc
         )
         atoms.info.update({k: src.info[k] for k in PAIR_KEYS})
-        atoms.info['fidelity'] = 'delta'
+        atoms.info['fidelity'] = DELTA_FIDELITY
         atoms.calc = SinglePointCalculator(atoms, **results)
         out.append(atoms)
     return out
-
-
-def _write_extxyz(path: str, frames: List[Any]) -> None:
-    import ase.io
-
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix='.extxyz')
-    os.close(fd)
-    try:
-        ase.io.write(tmp, frames, format='extxyz')
-        if (
-            os.path.isfile(path)
-            and open(path, 'rb').read() == open(tmp, 'rb').read()
-        ):
-            os.unlink(tmp)  # unchanged: keep the old file (and its mtime)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
     """Database entries of model B: one per HF database, its structures with
     HF - LF labels (written under ``out_dir``), weights and validation as the
     HF database's."""
-    from ..data.databases import parse_databases, read_frames
-    from .methods import DELTA_FIDELITY
+    from ..data.databases import parse_databases, read_frames, write_extxyz
 
     lf_frames = []
     for f in mi.paired_files():
@@ -174,7 +155,7 @@ def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
                 f"database '{spec.name}': no structure has a "
                 'label at both fidelities'
             )
-        _write_extxyz(path, diff)
+        write_extxyz(path, diff)
         entry = {
             'name': f'{spec.name}_delta',
             'fidelity': DELTA_FIDELITY,
@@ -189,7 +170,7 @@ def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
             )[0]
             vpairs = pair_frames(read_frames(vspec), lf_frames)
             vpath = os.path.join(out_dir, f'{spec.name}_validation.extxyz')
-            _write_extxyz(vpath, difference_atoms(vpairs))
+            write_extxyz(vpath, difference_atoms(vpairs))
             entry['validation'] = {'files': [vpath]}
         elif val:
             entry['validation'] = dict(val)
@@ -323,8 +304,9 @@ def deploy_sum(parts: Sequence[Tuple[str, Optional[str]]], output: str) -> str:
 def evaluate_deployed(path: str, atoms) -> Tuple[float, np.ndarray]:
     """Energy and forces of a deployed serial model on ``atoms``, computed the
     way pair_e3gnn does (edge vectors in, dE/d(edge_vec) scattered to atoms)."""
-    import sevenn._keys as KEY
     from sevenn.train.dataload import unlabeled_atoms_to_graph
+
+    from .._sevenn import KEY
 
     module, meta = _load_deployed(path)
     symbols = meta['chemical_symbols_to_index'].split()

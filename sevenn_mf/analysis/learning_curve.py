@@ -219,7 +219,7 @@ def write_subset(
     mi, pool, indices: Sequence[int], out_dir: str
 ) -> Dict[str, List[str]]:
     """One extxyz per HF database holding its chosen structures."""
-    from .delta import _write_extxyz
+    from ..data.databases import write_extxyz
 
     os.makedirs(out_dir, exist_ok=True)
     by_db: Dict[str, List[Any]] = {db['name']: [] for db in mi.hf_databases}
@@ -230,7 +230,7 @@ def write_subset(
     for name, frames in by_db.items():
         path = os.path.join(out_dir, f'{name}.extxyz')
         if frames:
-            _write_extxyz(path, frames)  # rewritten only if its content changes
+            write_extxyz(path, frames)  # rewritten only if its content changes
             files[name] = [path]
         else:
             files[name] = []

@@ -53,6 +53,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
+from .delta import DELTA_FIDELITY, delta_databases
+
 METHODS = ('hf-only', 'transfer', 'delta', 'mf', 'mf-onehot', 'mf-indexed')
 # train-section keys read here (removed before sevenn's parser sees the YAML)
 METHOD_KEYS = ('method', 'hf_fidelity', 'transfer', 'delta', 'min_epoch_length')
@@ -63,7 +65,6 @@ TRANSFER_KEYS = (
     'shared_lr_factor',
 )
 DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs')
-DELTA_FIDELITY = 'delta'
 MODEL_JSON = 'model.json'
 STAGE_JSON = 'stage.json'
 
@@ -281,7 +282,7 @@ def _referenced_files(obj: Any, base_dir: str) -> List[str]:
 
 def fingerprint(raw: Dict[str, Any], base_dir: str) -> str:
     """Of a stage: its config and the contents of every file it names."""
-    from ..data.store import file_digest
+    from ..data.databases import file_digest
 
     h = hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode())
     for p in sorted(set(_referenced_files(raw, base_dir))):
@@ -645,8 +646,6 @@ def run_method(
         stages.append(stage('finetune', raw))
         parts = [(stages[-1].checkpoint, hf)]
     elif method == 'delta':
-        from .delta import delta_databases
-
         opt = mi.delta
         lf = _delta_lf_fidelity(mi)
         _, raw = lf_stage(mi, opt.get('lf_epochs', E))

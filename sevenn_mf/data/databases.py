@@ -14,7 +14,9 @@ loss skips NaN references, so absent labels are never treated as zero.
 
 from __future__ import annotations
 
+import filecmp
 import glob
+import hashlib
 import os
 import tempfile
 import warnings
@@ -31,8 +33,8 @@ from ase.data import atomic_numbers, chemical_symbols
 from ase.neighborlist import neighbor_list
 from ase.stress import full_3x3_to_voigt_6_stress
 from ase.utils import string2index
-from sevenn.train.dataload import _set_atoms_y
-from sevenn.train.graph_dataset import SevenNetGraphDataset
+
+from .. import _sevenn as S
 
 LABELS = ('energy', 'force', 'stress')
 ALLOWED_KEYS = (
@@ -318,7 +320,7 @@ class Frame:
         work = atoms.copy()
         work.calc = atoms.calc
         keys = {'energy': energy_key, 'force': force_key, 'stress': stress_key}
-        return _labelled_frame(work, file, index, keys, {})
+        return label_frame(work, file, index, keys, {})
 
 
 def _graph_array(graph: Any, key: str) -> np.ndarray:
@@ -342,11 +344,11 @@ def read_frames(
     kwargs.setdefault('index', ':')
     frames: List[Frame] = []
     for path in files:
-        frames.extend(_read_file(path, kwargs))
+        frames.extend(read_file(path, kwargs))
     return frames
 
 
-def _read_file(path: str, reader: dict) -> List[Frame]:
+def read_file(path: str, reader: dict) -> List[Frame]:
     if not os.path.isfile(path):
         raise DataError(f'{path}: no such file')
     if os.path.getsize(path) == 0:
@@ -386,10 +388,10 @@ def _read_ase(path: str, reader: dict) -> List[Frame]:
         raise DataError(f'{path}: bad index {index!r} ({e})') from e
     if isinstance(selection, int):
         chosen = [chosen]
-    return [_labelled_frame(a, path, i, keys, reader) for i, a in chosen]
+    return [label_frame(a, path, i, keys, reader) for i, a in chosen]
 
 
-def _labelled_frame(
+def label_frame(
     atoms: Atoms, file: str, index: int, keys: Dict[str, Optional[str]], reader: dict
 ) -> Frame:
     where = f'{file}, frame {index}'
@@ -422,7 +424,7 @@ def _labelled_frame(
         if injected:
             stored['energy'] = np.nan
         try:
-            _set_atoms_y([atoms], **use_keys)
+            S.set_atoms_labels([atoms], **use_keys)
         finally:
             if injected:
                 stored.pop('energy', None)
@@ -495,9 +497,7 @@ def _load_sevenn_graphs(path: str, meta_path: str, cutoff: float) -> list:
         warnings.filterwarnings('ignore', message='Weights only load failed')
         folder = os.path.dirname(path)
         if os.path.basename(folder) == 'sevenn_data':
-            graphs = SevenNetGraphDataset._read_graph_dataset(
-                path, cutoff, log=False
-            )
+            graphs = S.read_graph_file(path, cutoff)
         else:
             # sevenn only loads '<root>/sevenn_data/<name>.pt'; link it there.
             with tempfile.TemporaryDirectory() as tmp:
@@ -505,8 +505,8 @@ def _load_sevenn_graphs(path: str, meta_path: str, cutoff: float) -> list:
                 os.makedirs(linked)
                 for src in (path, meta_path):
                     os.symlink(src, os.path.join(linked, os.path.basename(src)))
-                graphs = SevenNetGraphDataset._read_graph_dataset(
-                    os.path.join(linked, os.path.basename(path)), cutoff, log=False
+                graphs = S.read_graph_file(
+                    os.path.join(linked, os.path.basename(path)), cutoff
                 )
     return graphs
 
@@ -530,7 +530,7 @@ def validate_frames(
     known = None if species is None else _species_numbers(species)
     problems: List[str] = []
     for frame in frames:
-        problems.extend(_frame_problems(frame, known, min_distance))
+        problems.extend(frame_problems(frame, known, min_distance))
     if len(problems) == 1:
         raise DataError(problems[0])
     if problems:
@@ -554,7 +554,7 @@ def _species_numbers(species: Iterable[Union[str, int]]) -> set:
     return out
 
 
-def _frame_problems(frame: Frame, known: Optional[set], min_distance: float):
+def frame_problems(frame: Frame, known: Optional[set], min_distance: float):
     where = frame.where
     missing = []
     for label in LABELS:
@@ -629,3 +629,34 @@ def _closest_pair(frame: Frame, min_distance: float):
         return None
     k = int(np.argmin(d))
     return int(min(i[k], j[k])), int(max(i[k], j[k])), float(d[k])
+
+
+# ---- files ---------------------------------------------------------------------
+def file_digest(path: str) -> str:
+    """sha256 of a file's bytes (keys caches, stores and method runs to their
+    inputs' content)."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---- writing ---------------------------------------------------------------------
+def write_extxyz(path: str, atoms_list: List[Atoms]) -> None:
+    """Write structures (with their calculator's labels) to an extxyz file,
+    atomically; a file whose content would not change is left as it is (its
+    modification time too), so content-keyed caches stay valid."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix='.extxyz')
+    os.close(fd)
+    try:
+        ase.io.write(tmp, list(atoms_list), format='extxyz')
+        if os.path.isfile(path) and filecmp.cmp(path, tmp, shallow=False):
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -19,13 +19,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import sevenn
-import sevenn._keys as KEY
 import torch
 from sevenn.atom_graph_data import AtomGraphData
 from sevenn.train.dataload import atoms_to_graph
 from tqdm import tqdm
 
-from .databases import LABELS, DataError, Frame
+from .._sevenn import KEY
+from .databases import LABELS, DataError, Frame, file_digest
 
 # Bump when the graph layout or the cache file layout changes.
 CACHE_FORMAT_VERSION = 1
@@ -106,18 +106,21 @@ def _build(frames: List[Frame], cutoff: float, desc: str, num_workers: int):
             dicts = list(
                 tqdm(
                     pool.map(
-                        _atoms_to_dict, atoms, [cutoff] * len(atoms), chunksize=chunk
+                        atoms_to_graph_dict,
+                        atoms,
+                        [cutoff] * len(atoms),
+                        chunksize=chunk,
                     ),
                     **bar,
                 )
             )
     else:
-        dicts = [_atoms_to_dict(a, cutoff) for a in tqdm(atoms, **bar)]
+        dicts = [atoms_to_graph_dict(a, cutoff) for a in tqdm(atoms, **bar)]
     built = iter(AtomGraphData.from_numpy_dict(d) for d in dicts)
     return [next(built) if f.graph is None else f.graph.clone() for f in frames]
 
 
-def _atoms_to_dict(atoms, cutoff: float) -> dict:
+def atoms_to_graph_dict(atoms, cutoff: float) -> dict:
     # Top level so that worker processes can unpickle it.
     return atoms_to_graph(
         atoms, cutoff, transfer_info=False, y_from_calc=False, allow_unlabeled=True
@@ -154,13 +157,7 @@ def cache_key(
 
 
 def _content_digest(frame: Frame) -> str:
-    if not os.path.isfile(frame.file):
-        return 'memory'
-    h = hashlib.sha256()
-    with open(frame.file, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
+    return file_digest(frame.file) if os.path.isfile(frame.file) else 'memory'
 
 
 def _frame_digest(frame: Frame) -> str:

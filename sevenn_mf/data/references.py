@@ -12,9 +12,9 @@ import warnings
 from typing import Any, Dict, Iterable, List, Sequence, Union
 
 import numpy as np
-import sevenn._keys as KEY
 from ase.data import atomic_numbers, chemical_symbols
-from sevenn._const import NUM_UNIV_ELEMENT
+
+from .._sevenn import CONST, KEY
 
 _NULL_TOL = 1e-8
 
@@ -116,7 +116,7 @@ def force_rms(data: Iterable[Any]) -> float:
 
 def as_univ_list(refs: Dict[str, float]) -> List[float]:
     """sevenn's "univ" shift format: a list indexed by atomic number."""
-    out = [0.0] * NUM_UNIV_ELEMENT
+    out = [0.0] * CONST.NUM_UNIV_ELEMENT
     for s, v in refs.items():
         out[atomic_numbers[_symbol(s)]] = float(v)
     return out

@@ -32,7 +32,6 @@ structures:
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import itertools
 import json
@@ -47,21 +46,23 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import ase.io
 import numpy as np
 import sevenn
-import sevenn._keys as KEY
 from sevenn.atom_graph_data import AtomGraphData
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from .._sevenn import KEY
 from .databases import (
     LABEL_KEYS,
     DatabaseSpec,
     DataError,
     Frame,
-    _frame_problems,
-    _labelled_frame,
-    _read_file,
+    file_digest,
+    frame_problems,
+    label_frame,
+    read_file,
 )
-from .graphs import _atoms_to_dict, normalize_weight
+from .graphs import atoms_to_graph_dict, normalize_weight
+from .statistics import GraphSummary, summarize, summary_of
 
 # Bump when the stored value layout or the metadata changes.
 STORE_FORMAT_VERSION = 1
@@ -87,67 +88,6 @@ def _key(i: int) -> bytes:
 
 
 # ---- summaries -----------------------------------------------------------------
-class GraphSummary:
-    """What the statistics need of one structure. ``numbers``/``energy``/
-    ``forces`` make it acceptable to :func:`fit_reference_energies`."""
-
-    __slots__ = (
-        'numbers',
-        'energy',
-        'fsq',
-        'fcount',
-        'n_edges',
-        'n_atoms',
-        'stress_ok',
-    )
-    forces = None
-
-    def __init__(self, numbers, energy, fsq, fcount, n_edges, n_atoms, stress_ok):
-        self.numbers = numbers
-        self.energy = energy
-        self.fsq = fsq
-        self.fcount = fcount
-        self.n_edges = n_edges
-        self.n_atoms = n_atoms
-        self.stress_ok = stress_ok
-
-
-def _summary_of(z, energy, force, stress, n_edges, n_atoms) -> GraphSummary:
-    # the same arithmetic as references.force_rms / fit_reference_energies on
-    # float32 graph tensors
-    f = np.asarray(force, dtype=float)
-    f = f[~np.isnan(f)]
-    return GraphSummary(
-        np.asarray(z),
-        float(energy),
-        float(np.sum(f * f)),
-        int(f.size),
-        int(n_edges),
-        int(n_atoms),
-        bool(np.isfinite(stress).all()),
-    )
-
-
-def summarize(graph: Any) -> GraphSummary:
-    """Summary of an in-memory sevenn graph."""
-    return _summary_of(
-        graph[KEY.ATOMIC_NUMBERS].detach().cpu().numpy(),
-        float(graph[KEY.ENERGY]),
-        graph[KEY.FORCE].detach().cpu().numpy(),
-        graph[KEY.STRESS].detach().cpu().numpy(),
-        graph[KEY.EDGE_IDX].shape[1],
-        int(graph[KEY.NUM_ATOMS]),
-    )
-
-
-def force_sq_count(summaries: Sequence[GraphSummary]):
-    total, count = 0.0, 0
-    for s in summaries:  # same order and partial sums as references.force_rms
-        total += s.fsq
-        count += s.fcount
-    return total, count
-
-
 class _SummaryColumns:
     def __init__(self) -> None:
         self.z = array('h')
@@ -181,15 +121,6 @@ class _SummaryColumns:
 
 
 # ---- key -------------------------------------------------------------------------
-def file_digest(path: str) -> str:
-    """sha256 of a file's bytes (keys stores and method runs to their inputs)."""
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def store_key(spec: DatabaseSpec, cutoff: float) -> str:
     """Content hash of what shapes a database's stored graphs."""
     reader = json.dumps(spec.reader, sort_keys=True, default=repr)
@@ -218,7 +149,7 @@ def iter_frames(spec: DatabaseSpec) -> Iterator[Frame]:
     kwargs.setdefault('index', ':')
     for path in spec.files:
         if kwargs['index'] != ':' or path.endswith('.pt'):
-            yield from _read_file(path, kwargs)
+            yield from read_file(path, kwargs)
             continue
         if not os.path.isfile(path):
             raise DataError(f'{path}: no such file')
@@ -242,7 +173,7 @@ def iter_frames(spec: DatabaseSpec) -> Iterator[Frame]:
                     f'{path}, frame {n}: cannot be read, the file may be '
                     f'truncated or malformed ({kind}: {e})'
                 ) from e
-            yield _labelled_frame(atoms, path, n, keys, kwargs)
+            yield label_frame(atoms, path, n, keys, kwargs)
             n += 1
         if n == 0:
             raise DataError(f"{path}: no structures in file (index=':')")
@@ -266,7 +197,7 @@ def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
 
 def _process(frame: Frame, cutoff: float):
     """Worker: (problems, pickled value, summary) of one frame."""
-    problems = list(_frame_problems(frame, None, _MIN_DISTANCE))
+    problems = list(frame_problems(frame, None, _MIN_DISTANCE))
     if problems:
         return problems, None, None
     info = {'file': frame.file, 'frame': int(frame.index)}
@@ -289,10 +220,10 @@ def _process(frame: Frame, cutoff: float):
             value = ('t', {k: g[k] for k in g.keys()})
             summary = summarize(g)
         else:
-            d = _compact(_atoms_to_dict(frame.atoms, cutoff))
+            d = _compact(atoms_to_graph_dict(frame.atoms, cutoff))
             d[KEY.INFO] = info
             value = ('n', d)
-            summary = _summary_of(
+            summary = summary_of(
                 d[KEY.ATOMIC_NUMBERS],
                 d[KEY.ENERGY],
                 d[KEY.FORCE],
@@ -633,99 +564,3 @@ class StoreSubset(Dataset):
 
     def summaries(self) -> List[GraphSummary]:
         return self.store.summaries(self.indices)
-
-
-# ---- training data ----------------------------------------------------------------
-def prepare_store_data(
-    config: Dict[str, Any], working_dir: str, log: Callable[[str], None] = print
-):
-    """``prepare_data`` for ``data.storage: lmdb``: the same TrainingData, with
-    StoreSubset datasets in place of graph lists."""
-    import sevenn.util as sevenn_util
-    from ase.data import chemical_symbols
-
-    from .. import _sevenn as S
-    from ..train import Database, TrainingData, _fill_statistics, _resolve_fidelities
-    from .databases import parse_databases
-    from .graphs import split_validation
-
-    config = copy.deepcopy(config)
-    base_dir = config.get('_base_dir', os.getcwd())
-    specs = parse_databases(config[S.DATABASES], base_dir)
-    cutoff = float(config[KEY.CUTOFF])
-    store_dir = config.get(S.GRAPH_STORE_DIR) or os.path.join(
-        working_dir, 'graph_store'
-    )
-    if not os.path.isabs(store_dir):
-        store_dir = os.path.join(base_dir, store_dir)
-    workers = max(1, int(config.get(S.PREPROCESS_WORKERS, 1) or 1))
-
-    stores, valid_stores = {}, {}
-    for spec in specs:
-        stores[spec.name] = open_store(spec, cutoff, store_dir, workers, log)
-        vfiles = (spec.validation or {}).get('files')
-        if vfiles:
-            vspec = copy.deepcopy(spec)
-            vspec.files = list(vfiles)
-            vspec.validation = None
-            vspec.name = f'{spec.name} (validation)'
-            valid_stores[spec.name] = open_store(
-                vspec, cutoff, store_dir, workers, log
-            )
-
-    everything = list(stores.values()) + list(valid_stores.values())
-    chem = config[KEY.CHEMICAL_SPECIES]
-    if isinstance(chem, str) and chem.lower() == 'auto':
-        numbers = set(z for st in everything for z in st.elements)
-        config.update(
-            sevenn_util.chemical_species_preprocess(
-                sorted(chemical_symbols[z] for z in numbers)
-            )
-        )
-    else:
-        known = {
-            chemical_symbols.index(s) if isinstance(s, str) else int(s) for s in chem
-        }
-        for st in everything:
-            unknown = sorted(set(st.elements) - known)
-            if unknown:
-                names = ', '.join(chemical_symbols[z] for z in unknown)
-                allowed = ', '.join(sorted(chemical_symbols[z] for z in known))
-                raise DataError(
-                    f'{st.meta["first_seen"][unknown[0]]}: contains {names}, '
-                    f'which the model does not know (species: {allowed})'
-                )
-    _resolve_fidelities(config, specs)
-
-    seed = int(config.get(KEY.RANDOM_SEED, 1))
-    databases = []
-    for spec in specs:
-        st = stores[spec.name]
-        db = Database(spec)
-
-        def sub(store, idx, spec=spec):
-            return StoreSubset(store, idx, spec.fidelity, spec.weight)
-
-        everything_idx = range(len(st))
-        if getattr(spec, 'role', 'train') == 'valid':
-            db.valid = sub(st, everything_idx)
-        elif spec.name in valid_stores:
-            db.train = sub(st, everything_idx)
-            db.valid = sub(
-                valid_stores[spec.name], range(len(valid_stores[spec.name]))
-            )
-        elif spec.validation and spec.validation.get('ratio'):
-            tr, va = split_validation(
-                everything_idx,
-                float(spec.validation['ratio']),
-                int(spec.validation.get('seed', seed)),
-            )
-            db.train, db.valid = sub(st, tr), sub(st, va)
-        else:
-            db.train = sub(st, everything_idx)
-        databases.append(db)
-    data = TrainingData(config, databases)
-    if not any(len(db.train) for db in databases):
-        raise ValueError('no training structures: every database is validation-only')
-    _fill_statistics(config, data, log)
-    return data

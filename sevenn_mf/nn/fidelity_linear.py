@@ -22,17 +22,18 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Tuple
 
-import sevenn._keys as KEY
 import torch
 import torch.nn as nn
 from e3nn.o3 import Irreps, Linear
 from e3nn.util.jit import compile_mode
 from sevenn.nn.linear import IrrepsLinear
 
+from .._sevenn import KEY
+
 AtomGraphDataType = Dict[str, torch.Tensor]
 
 
-def _instruction_map(
+def instruction_map(
     linear: Linear,
 ) -> Dict[Tuple[int, int], Tuple[int, int, float]]:
     """(i_in, i_out) -> (offset, numel, path_weight) in the flat weight vector."""
@@ -70,8 +71,8 @@ def transfer_weights(
     the ratio of path weights: the computed function is unchanged. Paths of
     ``dst`` absent in ``src`` are zero.
     """
-    dst_map = _instruction_map(dst)
-    src_map = _instruction_map(src)
+    dst_map = instruction_map(dst)
+    src_map = instruction_map(src)
     out = torch.zeros(
         dst.weight_numel, dtype=src_weight.dtype, device=src_weight.device
     )
@@ -248,7 +249,7 @@ class FidelityLinear(nn.Module):
                 d_off, _ = bias_slices[i_out]
                 b[d_off : d_off + n] += src.bias[off : off + n]
         i_modal = len(self.irreps_in)  # the appended F x 0e block
-        for (i_in, i_out), (off, n, pw) in _instruction_map(src).items():
+        for (i_in, i_out), (off, n, pw) in instruction_map(src).items():
             if i_in != i_modal:
                 continue
             rows = src.weight[off : off + n].reshape(self.num_fidelities, -1)
@@ -298,7 +299,7 @@ class FidelityLinear(nn.Module):
         dst.weight.copy_(transfer_weights(plain, folded[0][0], dst))
         i_modal = len(self.irreps_in)
         pb = _bias_slices(plain)
-        for (i_in, i_out), (off, n, pw) in _instruction_map(dst).items():
+        for (i_in, i_out), (off, n, pw) in instruction_map(dst).items():
             if i_in != i_modal:
                 continue
             d_off, d_n = pb[i_out]
@@ -308,7 +309,7 @@ class FidelityLinear(nn.Module):
             dst.bias.zero_()
         # scalar outputs not reached by the one-hot would need a bias
         reached = {
-            i_out for (i_in, i_out) in _instruction_map(dst) if i_in == i_modal
+            i_out for (i_in, i_out) in instruction_map(dst) if i_in == i_modal
         }
         for i_out, (d_off, d_n) in pb.items():
             if i_out not in reached and any(

@@ -391,7 +391,7 @@ def test_cache_reuses_graphs_and_rebuilds_changed_files(tmp_path, monkeypatch):
         raise AssertionError('graphs were rebuilt although cached')
 
     with monkeypatch.context() as m:
-        m.setattr(graphs_mod, '_atoms_to_dict', no_build)
+        m.setattr(graphs_mod, 'atoms_to_graph_dict', no_build)
         second = build_graphs(frames, 5.0, 'r2scan', 7.0, cache_dir=str(cache))
     for g1, g2 in zip(first, second, strict=True):
         assert set(g1.keys()) == set(g2.keys())
