@@ -18,6 +18,6 @@ fi
 if ! have sevenn==0.13.0 || ! "$PY" -c 'import sevenn_mf, lmdb' 2>/dev/null \
         || ! "$PY" -m ruff --version >/dev/null 2>&1; then
     echo "[setup] installing sevenn_mf (editable) with sevenn 0.13.0" >&2
-    "$PY" -m pip install -q -e "$REPO[test,analysis]"
+    "$PY" -m pip install -q -e "$REPO[test]"
 fi
 "$PY" -c 'import sevenn_mf, sevenn, torch; print(f"[setup] sevenn_mf ready: sevenn {sevenn.__version__}, torch {torch.__version__}")' >&2

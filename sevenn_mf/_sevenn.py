@@ -71,6 +71,8 @@ PRETRAINED = 'pretrained'  # checkpoint path or pretrained name to fine-tune
 PRETRAINED_FIDELITY = 'pretrained_fidelity'
 PRETRAINED_ADD = 'pretrained_add'  # {new fidelity: existing one it starts from}
 FIT_NEW_REFERENCES = 'fit_new_references'
+COUPLING = 'coupling'  # coupled fidelity heads (sevenn_mf.coupling)
+EARLY_STOPPING = 'early_stopping'  # {patience, min_delta} (sevenn_mf.train)
 # data section
 DATABASES = 'databases'
 REFERENCE_ENERGIES = 'reference_energies'
@@ -106,6 +108,8 @@ def _register_config_keys() -> None:
         PRETRAINED_FIDELITY: (None, lambda v: v is None or isinstance(v, str)),
         PRETRAINED_ADD: ({}, lambda v: isinstance(v, dict)),
         FIT_NEW_REFERENCES: (False, bool),
+        COUPLING: ({}, lambda v: isinstance(v, dict)),
+        EARLY_STOPPING: ({}, lambda v: isinstance(v, dict)),
     }
     data_keys = {
         DATABASES: ([], list),
@@ -245,3 +249,14 @@ def pretrained_path(name: str) -> str:
         return _sevenn_util.pretrained_name_to_path(name)
     finally:
         _sevenn_util.download_checkpoint = saved
+
+
+# ---- sevenn's log ------------------------------------------------------------------
+def open_log_file():
+    """The file sevenn's Logger writes to now: None when no Logger exists,
+    none is open, or on a rank other than 0. Never creates the Logger (a
+    process-wide singleton that keeps the arguments of its first creation)."""
+    from sevenn.logger import Logger, Singleton
+
+    logger = Singleton._instances.get(Logger)
+    return getattr(logger, 'logfile', None) if logger is not None else None

@@ -8,6 +8,7 @@ import numpy as np
 from sevenn.calculator import SevenNetCalculator
 
 from .checkpoint import Checkpoint, PathLike
+from .gap import GapRange
 from .model import resolve_fidelity
 
 
@@ -18,6 +19,17 @@ class SevenNetMFCalculator(SevenNetCalculator):
     multi-modal or plain) or a pretrained name (``7net-0``, ``7net-mf-0``).
     A multi-fidelity model needs ``fidelity``; a missing or unknown one is an
     error that lists the valid names, never a silent default.
+
+    With ``gap=True`` (default for multi-fidelity models) each calculation
+    also evaluates the other fidelity heads and puts the structure's
+    fidelity gap to each (:mod:`sevenn_mf.gap`) into
+    ``results['fidelity_gap']``: ``{other: {'energy': eV/atom, 'force':
+    eV/Å, 'outside': bool or None}}``, ``outside`` saying whether the gap is
+    outside the range the model had on its high-fidelity training structures
+    (stored in sevenn_mf checkpoints; None where unknown), and
+    ``results['fidelity_gap_outside']``. The first structure outside the
+    range gives a warning; ``n_outside`` counts them. It costs one more
+    evaluation per other head: pass ``gap=False`` for plain MD speed.
     """
 
     def __init__(
@@ -25,6 +37,7 @@ class SevenNetMFCalculator(SevenNetCalculator):
         checkpoint: PathLike,
         fidelity: Optional[str] = None,
         device: str = 'cpu',
+        gap: bool = True,
         **kwargs,
     ) -> None:
         cp = (
@@ -43,6 +56,9 @@ class SevenNetMFCalculator(SevenNetCalculator):
             sevennet_config=cp.config,
             **kwargs,
         )
+        self.gap = bool(gap) and len(cp.fidelities) > 1 and self.fidelity is not None
+        self.gap_range = GapRange.from_dict(cp.gap_range) if self.gap else None
+        self.n_outside = 0
 
     @property
     def fidelities(self):
@@ -71,3 +87,71 @@ class SevenNetMFCalculator(SevenNetCalculator):
         for k in ('forces', 'stress', 'energies'):
             if k in self.results:
                 self.results[k] = np.asarray(self.results[k], dtype=np.float64)
+        if self.gap:
+            self._fidelity_gaps(atoms or self.atoms, properties)
+
+    def _fidelity_gaps(self, atoms, properties) -> None:
+        from ase.calculators.calculator import all_changes
+
+        main = self.results
+        model = self.model
+        rescale = model._modules['rescale_atomic_energy']
+        modal = self.checkpoint.config['_modal_map']
+        idx = [self.type_map[int(z)] for z in atoms.get_atomic_numbers()]
+        n = len(idx)
+        gaps = {}
+        try:
+            for other in self.fidelities:
+                if other == self.fidelity:
+                    continue
+                self.modal = other
+                SevenNetCalculator.calculate(self, atoms, properties, all_changes)
+                res = self.results
+                refs = 0.0
+                if getattr(rescale, 'use_modal_wise_shift', False):
+                    shift = rescale.shift.detach().double()
+                    d = shift[modal[self.fidelity]] - shift[modal[other]]
+                    refs = float(d[idx].sum())
+                energy = (float(main['energy']) - float(res['energy']) - refs) / n
+                force = float(
+                    np.abs(
+                        np.asarray(main['forces']) - np.asarray(res['forces'])
+                    ).mean()
+                )
+                gaps[other] = {
+                    'energy': energy,
+                    'force': force,
+                    'outside': self._outside(other, energy, force),
+                }
+        finally:
+            self.modal = self.fidelity
+            self.results = main
+        outside = any(g['outside'] for g in gaps.values())
+        self.results['fidelity_gap'] = gaps
+        self.results['fidelity_gap_outside'] = outside
+        if outside:
+            self.n_outside += 1
+            if self.n_outside == 1:
+                import warnings
+
+                other = next(o for o, g in gaps.items() if g['outside'])
+                warnings.warn(
+                    f'structure outside the fidelity-gap range of the training data: '
+                    f'{self.fidelity} - {other} gap {1000 * gaps[other]["energy"]:.1f} '
+                    f'meV/atom, {1000 * gaps[other]["force"]:.0f} meV/Å; training range: '
+                    f'{self.gap_range.describe(other)}. The {self.fidelity} prediction '
+                    'extrapolates here (further cases are counted in n_outside).',
+                    stacklevel=3,
+                )
+
+    def _outside(self, other: str, energy: float, force: float):
+        """The structure's gap against the stored training range (None when
+        the checkpoint has none for this pair)."""
+        r = self.gap_range
+        if r is None:
+            return None
+        if r.reference == self.fidelity and other in r.ranges:
+            return r.outside(other, energy, force)
+        if r.reference == other and self.fidelity in r.ranges:
+            return r.outside(self.fidelity, -energy, force)
+        return None

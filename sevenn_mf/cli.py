@@ -1,4 +1,9 @@
-"""``sevenn_mf`` command line: each subcommand is a thin call into the library."""
+"""``sevenn_mf`` command line: each subcommand is a thin call into the library.
+
+Errors reach the user as one line, ``sevenn_mf <command>: error: ...``, and
+Python warnings as one line each, ``sevenn_mf: warning: ...`` (also into the
+training log while one is open; with ``train -q`` only there).
+"""
 
 from __future__ import annotations
 
@@ -8,17 +13,32 @@ import sys
 import warnings
 from typing import List, Optional
 
+_OUTPUTS = 'log.sevenn_mf, metrics.csv, lc.csv, checkpoint_*.pth'
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
 
 def _train(args) -> int:
-    from .analysis.methods import train_cli, yaml_has_method
-    from .config import load_config
+    from .analysis.methods import read_method_input, run_method, yaml_has_method
+    from .config import ConfigError, check_config, load_config
     from .train import train
 
+    where = os.path.abspath(args.working_dir)
     if args.method or yaml_has_method(args.input):  # baselines / MF (issue 6)
-        result = train_cli(
-            args.input,
+        mi = read_method_input(args.input)
+        print(f'outputs in {where} (one folder per stage, model.json)')
+        result = run_method(
+            mi,
+            args.method,
             args.working_dir,
-            method=args.method,
             resume=args.resume,
             screen=not args.quiet,
             epochs=args.epochs,
@@ -34,7 +54,14 @@ def _train(args) -> int:
         config[KEY.EPOCH] = args.epochs
     if args.distributed:  # also on by itself under torchrun with WORLD_SIZE > 1
         config[KEY.IS_DDP] = True
+    try:  # train() checks again; here the error can name the file
+        check_config(config, training=True)
+    except ConfigError as exc:
+        raise ConfigError(f'{os.path.abspath(args.input)}: {exc}') from None
+    print(f'outputs in {where} ({_OUTPUTS})')
     best = train(config, args.working_dir, resume=args.resume, screen=not args.quiet)
+    if not os.path.isfile(best):
+        raise FileNotFoundError(f'training wrote no checkpoint in {where}')
     print(f'checkpoint: {best}')
     return 0
 
@@ -68,9 +95,31 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _check_deploy_output(args) -> None:
+    """The combination of deploy's options, before any model is loaded."""
+    if args.all_fidelities and args.fidelity:
+        raise ValueError(
+            '--fidelity and --all-fidelities exclude each other: give one '
+            'fidelity, or --all-fidelities for one file (folder) per fidelity'
+        )
+    out = args.output
+    if not out:
+        return
+    folder = args.parallel or args.all_fidelities
+    if folder and out.endswith('.pt'):
+        what = '--parallel' if args.parallel else '--all-fidelities'
+        raise ValueError(f'-o {out}: with {what}, -o names a folder, not a .pt file')
+    if not folder and not out.endswith('.pt'):
+        raise ValueError(
+            f'-o {out}: a pair_style e3gnn model is a TorchScript file: give a '
+            'name ending in .pt (the file is written exactly as named)'
+        )
+
+
 def _deploy(args) -> int:
     from .deploy import deploy
 
+    _check_deploy_output(args)
     for path in deploy(
         args.checkpoint,
         fidelity=args.fidelity,
@@ -84,6 +133,12 @@ def _deploy(args) -> int:
 
 def _export(args) -> int:
     from .deploy import export
+
+    if args.native and args.fidelity:
+        raise ValueError(
+            '--native exports every fidelity (sevenn multi-modal format): drop '
+            '--fidelity, or drop --native for a plain model of one fidelity'
+        )
 
     print(
         export(
@@ -200,6 +255,13 @@ def _deploy_sum(args) -> int:
         raise ValueError(
             'give a method run (folder or model.json) or --part CKPT@FIDELITY'
         )
+    if args.model and args.part:
+        raise ValueError('give a method run or --part, not both')
+    if not args.output.endswith('.pt'):
+        raise ValueError(
+            f'-o {args.output}: a pair_style e3gnn model is a TorchScript file: '
+            'give a name ending in .pt'
+        )
     print(deploy_sum(parts, args.output))
     return 0
 
@@ -214,18 +276,35 @@ def _add_analysis_parsers(sub) -> None:
     lc.add_argument(
         'spec', help='learning-curve YAML (see sevenn_mf.analysis.learning_curve)'
     )
-    lc.add_argument('-w', '--working-dir', default='learning_curve')
+    lc.add_argument(
+        '-w',
+        '--working-dir',
+        default='learning_curve',
+        help='output folder (default: ./learning_curve); a rerun into the same '
+        'folder continues it',
+    )
     lc.add_argument(
         '-v', '--verbose', action='store_true', help='training logs on screen'
     )
-    lc.add_argument('--methods', nargs='+', help="replace the spec's methods")
+    lc.add_argument(
+        '--methods', nargs='+', metavar='METHOD', help="replace the spec's methods"
+    )
     lc.add_argument(
         '--sizes',
         nargs='+',
+        metavar='N',
         help="replace the spec's hf_sizes (int: count, with a dot: fraction)",
     )
-    lc.add_argument('--seeds', nargs='+', type=int, help="replace the spec's seeds")
-    lc.add_argument('--epochs', type=int, help="replace the spec's epochs")
+    lc.add_argument(
+        '--seeds',
+        nargs='+',
+        type=int,
+        metavar='SEED',
+        help="replace the spec's seeds",
+    )
+    lc.add_argument(
+        '--epochs', type=_positive_int, help="replace the spec's epochs (>= 1)"
+    )
     lc.add_argument(
         '--table',
         action='store_true',
@@ -237,11 +316,26 @@ def _add_analysis_parsers(sub) -> None:
         'checkpoint (with --fidelity) or a sevenn_mf train --method run '
         '(folder or model.json)'
     )
+    fidelity_help = (
+        "fidelity to predict (a checkpoint's own name; a method run predicts "
+        'its HF fidelity only)'
+    )
     h = sub.add_parser('hull', help='energies above the convex hull (pymatgen)')
     h.add_argument('model', help=model_help)
-    h.add_argument('--fidelity')
-    h.add_argument('--structures', nargs='+', required=True)
-    h.add_argument('--phases', nargs='*', help='competing phases')
+    h.add_argument('--fidelity', help=fidelity_help)
+    h.add_argument(
+        '--structures',
+        nargs='+',
+        required=True,
+        metavar='FILE',
+        help='structure files whose energy above the hull is reported',
+    )
+    h.add_argument(
+        '--phases',
+        nargs='*',
+        metavar='FILE',
+        help='structure files of competing phases',
+    )
     h.add_argument(
         '--terminals',
         nargs='+',
@@ -249,21 +343,32 @@ def _add_analysis_parsers(sub) -> None:
         help='end members of a compound phase diagram (e.g. GaN InN) '
         'when there are no elemental entries',
     )
-    h.add_argument('-o', '--output', help='per-structure CSV')
+    h.add_argument('-o', '--output', help='per-structure CSV (default: none)')
     h.set_defaults(func=_hull)
 
     m = sub.add_parser('mixing', help='mixing energies vs end members (e.g. InGaN)')
     m.add_argument('model', help=model_help)
-    m.add_argument('--fidelity')
-    m.add_argument('--structures', nargs='+', required=True)
+    m.add_argument('--fidelity', help=fidelity_help)
+    m.add_argument(
+        '--structures',
+        nargs='+',
+        required=True,
+        metavar='FILE',
+        help='structure files whose mixing energy is reported',
+    )
     m.add_argument(
         '--end-members',
         nargs='+',
         required=True,
+        metavar='FILE',
         help='files holding end-member structures (e.g. x = 0 and 1)',
     )
     m.add_argument(
-        '--terminals', nargs='+', default=['GaN', 'InN'], metavar='FORMULA'
+        '--terminals',
+        nargs='+',
+        default=['GaN', 'InN'],
+        metavar='FORMULA',
+        help='end-member formulas (default: GaN InN)',
     )
     m.add_argument(
         '--choice',
@@ -271,7 +376,7 @@ def _add_analysis_parsers(sub) -> None:
         default='lowest',
         help='end-member energy: lowest-reference-energy structure, or mean',
     )
-    m.add_argument('-o', '--output', help='per-structure CSV')
+    m.add_argument('-o', '--output', help='per-structure CSV (default: none)')
     m.set_defaults(func=_mixing)
 
     pp = sub.add_parser(
@@ -283,9 +388,14 @@ def _add_analysis_parsers(sub) -> None:
         action='append',
         required=True,
         metavar='FIDELITY=FILE[,FILE]',
-        help='repeat for each fidelity',
+        help='labelled structures of a fidelity; repeat for each fidelity',
     )
-    pp.add_argument('-o', '--output', default='parity')
+    pp.add_argument(
+        '-o',
+        '--output',
+        default='parity',
+        help='output folder (default: ./parity): parity_<fidelity>.png, summary.csv',
+    )
     pp.set_defaults(func=_parity)
 
     ds = sub.add_parser(
@@ -296,32 +406,59 @@ def _add_analysis_parsers(sub) -> None:
     ds.add_argument(
         'model', nargs='?', help='a --method delta run (folder or model.json)'
     )
-    ds.add_argument('--part', action='append', default=[], metavar='CKPT@FIDELITY')
-    ds.add_argument('-o', '--output', required=True)
+    ds.add_argument(
+        '--part',
+        action='append',
+        default=[],
+        metavar='CKPT@FIDELITY',
+        help='a model of the sum, instead of a run (repeatable; @FIDELITY '
+        'for a multi-fidelity checkpoint)',
+    )
+    ds.add_argument(
+        '-o', '--output', required=True, help='TorchScript file to write (.pt)'
+    )
     ds.set_defaults(func=_deploy_sum)
 
 
+_CHECKPOINT_HELP = 'checkpoint file or pretrained name (7net-0, 7net-mf-0, ...)'
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .analysis.methods import METHODS
+
     p = argparse.ArgumentParser(
         prog='sevenn_mf',
         description='Multi-fidelity training for SevenNet. A CHECKPOINT is a '
         'sevenn_mf or sevenn checkpoint file or a pretrained name (7net-0, 7net-mf-0).',
     )
-    sub = p.add_subparsers(dest='command', required=True)
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND')
 
     t = sub.add_parser('train', help='train from a YAML input')
     t.add_argument('input', help='YAML with model/train/data sections')
-    t.add_argument('-w', '--working-dir', default='.', help='output folder')
+    t.add_argument(
+        '-w',
+        '--working-dir',
+        default='.',
+        help='output folder (default: the current directory): log.sevenn_mf, '
+        'metrics.csv, lc.csv, checkpoints',
+    )
     t.add_argument(
         '--resume',
         action='store_true',
         help='continue a killed run from checkpoint_last.pth',
     )
-    t.add_argument('--epochs', type=int, help='override train.epoch')
-    t.add_argument('-q', '--quiet', action='store_true', help='log to file only')
+    t.add_argument(
+        '--epochs', type=_positive_int, help='override train.epoch (>= 1)'
+    )
+    t.add_argument(
+        '-q',
+        '--quiet',
+        action='store_true',
+        help='log to file only (warnings too, while the log is open)',
+    )
     t.add_argument(
         '--method',
-        choices=['hf-only', 'transfer', 'delta', 'mf', 'mf-onehot', 'mf-indexed'],
+        choices=list(METHODS),
         help='baseline or multi-fidelity training from the same YAML '
         '(default: train.method; see sevenn_mf.analysis.methods)',
     )
@@ -334,44 +471,62 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     i = sub.add_parser('info', help='fidelities, species, cutoff, parameters')
-    i.add_argument('checkpoint')
+    i.add_argument('checkpoint', help=_CHECKPOINT_HELP)
     i.set_defaults(func=_info)
 
     f = sub.add_parser('fidelities', help='list the fidelity names of a checkpoint')
-    f.add_argument('checkpoint')
+    f.add_argument('checkpoint', help=_CHECKPOINT_HELP)
     f.set_defaults(func=_fidelities)
 
     e = sub.add_parser('evaluate', help='errors against labelled structures')
-    e.add_argument('checkpoint')
+    e.add_argument('checkpoint', help=_CHECKPOINT_HELP)
     e.add_argument(
         'files', nargs='+', help='structure files (anything ase.io reads)'
     )
     e.add_argument('--fidelity', help='fidelity to evaluate (required if several)')
-    e.add_argument('-o', '--output', default='evaluation', help='output folder')
-    e.add_argument('--batch-size', type=int, default=8)
+    e.add_argument(
+        '-o',
+        '--output',
+        default='evaluation',
+        help='output folder (default: ./evaluation): per_structure.csv, '
+        'summary.csv, parity.png',
+    )
+    e.add_argument(
+        '--batch-size',
+        type=_positive_int,
+        default=8,
+        help='structures per forward pass (default: 8)',
+    )
     e.set_defaults(func=_evaluate)
 
     d = sub.add_parser('deploy', help='TorchScript for LAMMPS pair_style e3gnn')
-    d.add_argument('checkpoint')
-    d.add_argument('--fidelity')
+    d.add_argument('checkpoint', help=_CHECKPOINT_HELP)
+    d.add_argument('--fidelity', help='fidelity to deploy (required if several)')
     d.add_argument(
         '--all-fidelities',
         action='store_true',
-        help='one file (or folder) per fidelity',
+        help='one file (or folder) per fidelity; not with --fidelity',
     )
     d.add_argument('--parallel', action='store_true', help='for e3gnn/parallel')
-    d.add_argument('-o', '--output', help='output file (folder with --parallel)')
+    d.add_argument(
+        '-o',
+        '--output',
+        help='file to write, ending in .pt (a folder with --parallel or '
+        '--all-fidelities; default: deployed_serial[_FIDELITY].pt or '
+        'deployed_parallel[_FIDELITY]/ in the current directory)',
+    )
     d.set_defaults(func=_deploy)
 
     x = sub.add_parser('export', help='a plain sevenn checkpoint of one fidelity')
-    x.add_argument('checkpoint')
-    x.add_argument('--fidelity')
+    x.add_argument('checkpoint', help=_CHECKPOINT_HELP)
+    x.add_argument('--fidelity', help='fidelity to export (required if several)')
     x.add_argument(
         '--native',
         action='store_true',
-        help="sevenn's native multi-modal format (onehot models)",
+        help="sevenn's native multi-modal format with every fidelity (onehot "
+        'models); not with --fidelity',
     )
-    x.add_argument('-o', '--output', required=True)
+    x.add_argument('-o', '--output', required=True, help='checkpoint to write')
     x.set_defaults(func=_export)
 
     c = sub.add_parser(
@@ -431,17 +586,73 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# ---- warnings and errors ---------------------------------------------------------
+class _PlainWarnings:
+    """``warnings.showwarning`` for the command line: one line per warning,
+    ``sevenn_mf: warning: ...`` (no source line), written into the training
+    log while one is open and on stderr unless ``quiet`` (then only where no
+    log is open, so that none is lost). A rank-deficient reference fit (a
+    fixed stoichiometry) is normal: an info line in the log only."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+
+    def __call__(self, message, category, filename, lineno, file=None, line=None):
+        from ._sevenn import open_log_file
+        from .data.references import UndeterminedReferences
+
+        info = issubclass(category, UndeterminedReferences)
+        text = ' '.join(str(message).split())
+        text = f'sevenn_mf: {"info" if info else "warning"}: {text}'
+        log = open_log_file()
+        if log is not None:
+            try:
+                log.write(text + '\n')
+            except (OSError, ValueError):  # closed under us
+                log = None
+        if log is None or not (self.quiet or info):
+            print(text, file=sys.stderr)
+
+
+_PIP_NAMES = {'yaml': 'pyyaml', 'sklearn': 'scikit-learn'}  # import -> pip name
+
+
+def _error_line(exc: BaseException) -> str:
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.split('.')[0]
+        return (
+            f'this command needs the Python package {top!r}, which is not '
+            f'installed (pip install {_PIP_NAMES.get(top, top)})'
+        )
+    if isinstance(exc, KeyError):
+        return f'missing key {exc}'
+    text = ' '.join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (ValueError, OSError, ImportError)):
+        return text
+    return f'{type(exc).__name__}: {text} (SEVENN_MF_DEBUG=1 shows the traceback)'
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     warnings.filterwarnings('ignore', message='.*TP accelerator.*')
     warnings.filterwarnings('ignore', message='.*Weights only load failed.*')
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    saved = warnings.showwarning
+    warnings.showwarning = _PlainWarnings(quiet=getattr(args, 'quiet', False))
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+    except KeyboardInterrupt:
+        print(f'sevenn_mf {args.command}: interrupted', file=sys.stderr)
+        return 130
+    except Exception as exc:
         if os.environ.get('SEVENN_MF_DEBUG'):
             raise
-        print(f'sevenn_mf {args.command}: error: {exc}', file=sys.stderr)
+        print(
+            f'sevenn_mf {args.command}: error: {_error_line(exc)}', file=sys.stderr
+        )
         return 2
+    finally:
+        warnings.showwarning = saved
 
 
 if __name__ == '__main__':

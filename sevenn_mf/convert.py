@@ -33,7 +33,7 @@ from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
 from ._sevenn import KEY
-from .checkpoint import Checkpoint, save_checkpoint
+from .checkpoint import Checkpoint, refuse_overwriting, save_checkpoint
 from .model import (
     FidelityError,
     build_model,
@@ -365,8 +365,10 @@ def convert_cli(args) -> str:
     """``sevenn_mf convert``: convert and save; returns the output path."""
     add = _pairs(args.add, 'add', need_value=False)
     rename = {k: str(v) for k, v in _pairs(args.rename, 'rename', True).items()}
+    source = Checkpoint(args.source)
+    refuse_overwriting(source.path, args.output)
     model, cfg = convert(
-        args.source,
+        source,
         source_fidelity=args.source_fidelity,
         add=add,
         rename=rename,

@@ -21,7 +21,7 @@ from sevenn.scripts.deploy import deploy_parallel as sevenn_deploy_parallel
 
 from . import _sevenn as S
 from ._sevenn import KEY
-from .checkpoint import Checkpoint, PathLike, save_checkpoint
+from .checkpoint import Checkpoint, PathLike, refuse_overwriting, save_checkpoint
 from .model import convert_layer_mode, fold, resolve_fidelity
 
 # metadata sevenn's deploy writes (read back so that re-saving keeps it)
@@ -54,6 +54,7 @@ def export(
     """
     cp = _as_checkpoint(source)
     output = str(output)
+    refuse_overwriting(cp.path, output)
     model = cp.build_model()
     if native:
         if not cp.fidelities:
@@ -102,6 +103,8 @@ def deploy(
     (a folder of per-segment files). Returns the written paths."""
     cp = _as_checkpoint(source)
     if all_fidelities:
+        if fidelity is not None:
+            raise ValueError('give a fidelity or all_fidelities, not both')
         if not cp.fidelities:
             raise ValueError(
                 f'{cp.source} has a single fidelity; drop --all-fidelities'
@@ -109,16 +112,27 @@ def deploy(
         targets = list(cp.fidelities)
     else:
         targets = [resolve_fidelity(cp.config, fidelity)]
+    outputs = {}
+    for fid in targets:
+        out = output if (output and not all_fidelities) else None
+        if out is None:
+            out = _default_output(cp, fid, parallel)
+            if output and all_fidelities:
+                out = os.path.join(output, out)
+        if not parallel and not out.endswith('.pt'):  # written exactly as named
+            raise ValueError(f'{out}: a TorchScript file for e3gnn must end in .pt')
+        refuse_overwriting(cp.path, out)
+        if parallel:
+            for i in range(int(cp.config[KEY.NUM_CONVOLUTION])):
+                seg = os.path.join(out, f'deployed_parallel_{i}.pt')
+                refuse_overwriting(cp.path, seg)
+        outputs[fid] = out
     written = []
     with tempfile.TemporaryDirectory() as tmp:
         for fid in targets:
             plain_cp = os.path.join(tmp, f'plain_{fid}.pth')
             export(cp, fid, plain_cp)
-            out = output if (output and not all_fidelities) else None
-            if out is None:
-                out = _default_output(cp, fid, parallel)
-                if output and all_fidelities:
-                    out = os.path.join(output, out)
+            out = outputs[fid]
             parent = os.path.dirname(os.path.abspath(out))
             os.makedirs(parent, exist_ok=True)
             meta = {
@@ -133,8 +147,6 @@ def deploy(
                         os.path.join(out, f'deployed_parallel_{i}.pt'), meta
                     )
             else:
-                if not out.endswith('.pt'):
-                    out += '.pt'
                 sevenn_deploy(plain_cp, fname=out)
                 _add_metadata(out, meta)
             written.append(os.path.abspath(out))

@@ -15,6 +15,7 @@ from ._sevenn import KEY
 from .checkpoint import Checkpoint, PathLike
 from .data.databases import read_frames, validate_frames
 from .data.graphs import build_graphs
+from .gap import GapRange, Gaps, head_gaps
 from .metrics import EV_A3_TO_GPA
 from .model import resolve_fidelity
 
@@ -79,7 +80,10 @@ def predict(
         s_pred = res[KEY.PRED_STRESS].detach().numpy().reshape(-1, 6) * EV_A3_TO_GPA
         infos = res[KEY.INFO] if KEY.INFO in res else [{}] * len(n)
         for i in range(len(n)):
-            info = infos[i] if isinstance(infos, list) else {}
+            if isinstance(infos, dict):  # PyG batches info dicts key by key
+                info = {k: v[i] for k, v in infos.items()}
+            else:
+                info = infos[i] if isinstance(infos, list) else {}
             out.where.append(f'{info.get("file", "?")}:{info.get("frame", i)}')
             out.natoms.append(int(n[i]))
             out.e_ref.append(float(e_ref[i]))
@@ -177,7 +181,18 @@ def evaluate(
     graphs = build_graphs(
         frames, cp.cutoff, fidelity or 'default', 1.0, desc='evaluate'
     )
-    p = predict(cp, graphs, fidelity, batch_size)
+    model = cp.build_model()
+    p = predict(cp, graphs, fidelity, batch_size, model=model)
+    gaps = (
+        head_gaps(
+            model, cp.config, graphs, reference=fidelity, batch_size=batch_size
+        )
+        if len(cp.fidelities) > 1
+        else None
+    )
+    ranges = GapRange.from_dict(cp.gap_range)
+    if ranges is not None and ranges.reference != fidelity:
+        ranges = None  # the stored range is of another head
     os.makedirs(out_dir, exist_ok=True)
     per = os.path.join(out_dir, 'per_structure.csv')
     with open(per, 'w', newline='') as fh:
@@ -191,6 +206,7 @@ def evaluate(
                 'energy_err_meV_atom',
                 'force_mae_meV_A',
             ]
+            + _gap_header(gaps, ranges)
         )
         for i in range(len(p.where)):
             fr, fp = p.f_ref[i], p.f_pred[i]
@@ -209,8 +225,11 @@ def evaluate(
                     f'{(p.e_pred[i] - p.e_ref[i]) * 1000:.3f}',
                     f'{fmae:.3f}',
                 ]
+                + _gap_cells(gaps, ranges, i)
             )
     errors = error_summary(p)
+    if gaps is not None:
+        errors.update(_gap_summary(gaps, ranges))
     summ = os.path.join(out_dir, 'summary.csv')
     with open(summ, 'w', newline='') as fh:
         w = csv.writer(fh)
@@ -228,3 +247,52 @@ def evaluate(
         errors,
         {'per-structure': per, 'summary': summ, 'parity plot': png},
     )
+
+
+# ---- the fidelity gap of each structure ------------------------------------------
+def _gap_header(gaps: Optional[Gaps], ranges: Optional[GapRange]) -> List[str]:
+    if gaps is None:
+        return []
+    cols = []
+    for other in gaps.energy:
+        cols += [f'gap_{other}_energy_meV_atom', f'gap_{other}_force_meV_A']
+    return cols + (['outside_training_gap_range'] if ranges is not None else [])
+
+
+def _gap_cells(
+    gaps: Optional[Gaps], ranges: Optional[GapRange], i: int
+) -> List[str]:
+    if gaps is None:
+        return []
+    cells = []
+    for other in gaps.energy:
+        cells += [
+            f'{1000 * gaps.energy[other][i]:.3f}',
+            f'{1000 * gaps.force[other][i]:.3f}',
+        ]
+    if ranges is not None:
+        cells.append(str(_outside(gaps, ranges, i)).lower())
+    return cells
+
+
+def _outside(gaps: Gaps, ranges: GapRange, i: int) -> bool:
+    return any(
+        ranges.outside(o, float(gaps.energy[o][i]), float(gaps.force[o][i]))
+        for o in gaps.energy
+    )
+
+
+def _gap_summary(gaps: Gaps, ranges: Optional[GapRange]) -> Dict[str, float]:
+    out: Dict[str, float] = {}
+    for other, e in gaps.energy.items():
+        out[f'gap to {other}: energy mean (meV/atom)'] = 1000 * float(e.mean())
+        out[f'gap to {other}: energy sd (meV/atom)'] = 1000 * float(e.std())
+        out[f'gap to {other}: force mean (meV/Å)'] = 1000 * float(
+            np.nanmean(gaps.force[other])
+        )
+    if ranges is not None:
+        n = len(next(iter(gaps.energy.values())))
+        out['outside the training gap range (structures)'] = float(
+            sum(_outside(gaps, ranges, i) for i in range(n))
+        )
+    return out

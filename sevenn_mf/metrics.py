@@ -5,13 +5,23 @@ from __future__ import annotations
 import csv
 import os
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 import torch
 
 from ._sevenn import KEY
 
 EV_A3_TO_GPA = 160.21766208
+# Written under the first per-set table of a run: sevenn's own table (above it)
+# takes the RMSE of whole vectors, ours per component, so the same errors
+# differ by sqrt(3) (force) and sqrt(6) (stress, also kbar = 10 x GPa).
+UNITS_NOTE = (
+    "note: sevenn's table above gives the RMSE of force vectors (eV/Å) and "
+    'of 6-component stress vectors (kbar); this table and metrics.csv are per '
+    'component (meV/Å, GPa): sevenn Force RMSE = sqrt(3) x force_rmse / 1000, '
+    'sevenn Stress RMSE = 10 x sqrt(6) x stress_rmse, sevenn Energy RMSE '
+    '(eV/atom) = energy_rmse / 1000'
+)
 # (column, unit, scale from sevenn's eV-based units)
 QUANTITIES = (
     ('energy', 'meV/atom', 1000.0),
@@ -85,10 +95,17 @@ class _Accumulator:
 
 
 class FidelityMetrics:
-    """One accumulator per loader (trainset, validset, <fidelity>_validset, ...)."""
+    """One accumulator per loader (trainset, validset, <fidelity>_validset, ...).
 
-    def __init__(self) -> None:
+    ``extra_columns``: further per-set columns of metrics.csv (the fidelity gap
+    monitor's), filled per epoch in ``extra[set name][column]``; blank where a
+    set has none."""
+
+    def __init__(self, extra_columns: Sequence[str] = ()) -> None:
         self.acc: Dict[str, _Accumulator] = OrderedDict()
+        self.extra_columns = list(extra_columns)
+        self.extra: Dict[str, Dict[str, float]] = {}
+        self._noted = False  # UNITS_NOTE: once, under the first table
 
     def recorder(self, name: str) -> _Accumulator:
         if name not in self.acc:
@@ -113,6 +130,9 @@ class FidelityMetrics:
                 f'{name:<28}'
                 + ''.join(f'{r[q + "_mae"]:>24.3f}' for q, _, _ in QUANTITIES)
             )
+        if not self._noted:
+            rows.append(UNITS_NOTE)
+            self._noted = True
         return '\n'.join(rows) + '\n'
 
     def write_epoch(self, path: str, epoch: int, lr: float) -> None:
@@ -121,16 +141,25 @@ class FidelityMetrics:
         cols = ['epoch', 'lr', 'set'] + [
             f'{q}_{m}' for q, _, _ in QUANTITIES for m in ('mae', 'rmse')
         ]
+        n_err = len(cols)
+        cols += self.extra_columns
         with open(path, 'a', newline='') as f:
             w = csv.writer(f)
             if new:
                 w.writerow(cols)
             for name, r in self.results().items():
+                extra = self.extra.get(name, {})
                 w.writerow(
-                    [epoch, f'{lr:.6g}', name] + [f'{r[c]:.6g}' for c in cols[3:]]
+                    [epoch, f'{lr:.6g}', name]
+                    + [f'{r[c]:.6g}' for c in cols[3:n_err]]
+                    + [
+                        f'{extra[c]:.6g}' if c in extra else ''
+                        for c in self.extra_columns
+                    ]
                 )
         for a in self.acc.values():
             a.reset()
+        self.extra = {}
 
     @staticmethod
     def truncate_csv(path: str, start_epoch: int) -> None:

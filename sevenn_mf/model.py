@@ -36,19 +36,43 @@ def fidelity_names(config: Dict[str, Any]) -> List[str]:
     return [k for k, _ in sorted(modal_map.items(), key=lambda kv: kv[1])]
 
 
+# the fidelity a plain checkpoint written by sevenn_mf export was folded from
+EXPORTED_FIDELITY = 'sevenn_mf_fidelity'
+
+
 def resolve_fidelity(
     config: Dict[str, Any], fidelity: Optional[str]
 ) -> Optional[str]:
-    """The fidelity name to evaluate, or a clear error listing the valid ones."""
+    """The fidelity name to evaluate, or a clear error listing the valid ones.
+
+    A name is never ignored: a model accepts only its own fidelities. One with
+    a single fidelity also takes None (= that one). A plain sevenn model
+    (7net-0, any single-modal checkpoint) has no fidelity input: it takes only
+    None, or, when sevenn_mf exported it from one fidelity, that name; both
+    give None (nothing to select)."""
     names = fidelity_names(config)
     if not names:
-        return None
+        own = config.get(EXPORTED_FIDELITY)
+        if fidelity is None or (own and fidelity == own):
+            return None
+        which = f' (exported from fidelity {own!r})' if own else ''
+        raise FidelityError(
+            f'fidelity {fidelity!r} given, but this is a single-fidelity model '
+            f'without fidelity names{which}: leave the fidelity out'
+        )
+    if fidelity is None and len(names) == 1:
+        return names[0]
     if fidelity is None:
         raise FidelityError(
             f'this model has several fidelities; choose one with fidelity=... '
             f'(valid: {", ".join(names)})'
         )
     if fidelity not in names:
+        if len(names) == 1:
+            raise FidelityError(
+                f'unknown fidelity {fidelity!r}: this single-fidelity model has '
+                f'only {names[0]!r} (valid: {names[0]})'
+            )
         raise FidelityError(
             f'unknown fidelity {fidelity!r} (valid: {", ".join(names)})'
         )

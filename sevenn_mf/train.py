@@ -31,11 +31,22 @@ from sevenn.train.trainer import Trainer
 from . import _sevenn as S
 from . import finetune
 from ._sevenn import KEY
-from .checkpoint import atomic_torch_save
-from .data.dataset import TrainingData, make_loaders, prepare_data
+from .checkpoint import atomic_torch_save, read_training_state
+from .config import check_config
+from .coupling import CouplingLoss, CouplingSettings, coupling_targets, settings_from
+from .data.dataset import TrainingData, concat, make_loaders, prepare_data
 from .data.sampler import DatabaseSampler
+from .gap import (
+    GapRange,
+    Gaps,
+    gap_columns,
+    gap_reference,
+    head_gaps,
+    summarize_gaps,
+)
 from .metrics import FidelityMetrics
 from .model import build_model, fidelity_parameter_names
+from .resume import check_resume, fingerprint
 
 LAST = 'checkpoint_last.pth'
 BEST = 'checkpoint_best.pth'
@@ -53,16 +64,28 @@ class MFTrainer(Trainer):
         start_epoch: int,
         best_loader: Optional[str],
         best_value: float = math.inf,
+        data: Optional[TrainingData] = None,
+        state: Optional[Dict[str, Any]] = None,
+        run_fingerprint: Optional[Dict[str, Any]] = None,
     ) -> None:
+        """``state``: the ``sevenn_mf`` entry of the checkpoint a resumed run
+        continues (best value, early-stopping counter)."""
+        state = state or {}
         self.config = config
         self.working_dir = os.path.abspath(working_dir)
         self.epoch = start_epoch
         self.best_loader = best_loader
         self.best_metric = config.get(KEY.BEST_METRIC, 'TotalLoss')
-        self.best_value = best_value
+        self.best_value = float(state.get('best_value', best_value))
         self._epoch_best_candidate = math.inf
         self.user_per_epoch = int(config.get(KEY.PER_EPOCH, 10) or 10)
-        self.metrics = FidelityMetrics()
+        self.early = early_stopping_settings(config, best_loader)
+        self.epochs_since_best = int(state.get('epochs_since_best', 0))
+        self.stopped = bool(state.get('stopped_early', False))
+        self.fingerprint = run_fingerprint
+        self.gap_sets, self.gap_train = _gap_sets(config, data)
+        self.gap_range: Optional[Dict[str, Any]] = state.get('gap_range')
+        self.metrics = FidelityMetrics(gap_columns(config) if self.gap_sets else ())
         self.metrics_csv = os.path.join(self.working_dir, 'metrics.csv')
         if self.rank == 0:
             self.metrics.truncate_csv(self.metrics_csv, start_epoch)
@@ -99,9 +122,11 @@ class MFTrainer(Trainer):
         wrap_tqdm=False,
     ) -> None:
         name = getattr(loader, 'name', 'trainset' if is_train else 'validset')
-        sampler = getattr(loader, 'sampler', None)
-        if is_train and hasattr(sampler, 'set_epoch'):
-            sampler.set_epoch(self.epoch)
+        if is_train:
+            if hasattr(loader, 'set_epoch'):
+                loader.set_epoch(self.epoch)
+            elif hasattr(getattr(loader, 'sampler', None), 'set_epoch'):
+                loader.sampler.set_epoch(self.epoch)
         acc = self.metrics.recorder(name)
         tee = _Tee(error_recorder, acc)
         bar = len(loader) if (self.progress and is_train) else False
@@ -161,48 +186,237 @@ class MFTrainer(Trainer):
 
     # called once per epoch, after all loaders
     def scheduler_step(self, metric: Optional[float] = None) -> None:
-        Logger().write(self.metrics.table(self.epoch))
+        log = Logger()
+        self._gap_monitor(log)
+        log.write(self.metrics.table(self.epoch))
+        coupling = self.coupling_loss
+        if coupling is not None:
+            means = coupling.epoch_means()
+            log.writeline(
+                'coupling penalties (mean per step, before weights): '
+                + ', '.join(f'{k} {v:.4g}' for k, v in means.items() if v)
+            )
         lr = self.get_lr()  # of the epoch that just ran
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            # this epoch's monitored loss (sevenn passes the best before it,
+            # which it also forgets on resume)
+            metric = float(self._epoch_best_candidate)
         super().scheduler_step(metric)
+        self._early_stopping_step(log)
         if self.rank == 0:
             self.metrics.write_epoch(self.metrics_csv, self.epoch, lr)
         else:
             self.metrics.reset()
         self.epoch += 1
 
-    def write_checkpoint(self, path: str, **extra) -> None:
-        if self.distributed and self.rank != 0:
+    @property
+    def coupling_loss(self) -> Optional[CouplingLoss]:
+        for loss_def, _ in self.loss_functions:
+            if isinstance(loss_def, CouplingLoss):
+                return loss_def
+        return None
+
+    def _bare_model(self):
+        return getattr(self.model, 'module', self.model)
+
+    def _gap_monitor(self, log) -> None:
+        """The gap of the reference head to every other head on each
+        validation set (metrics.csv gap_* columns and a log table)."""
+        if not self.gap_sets:
             return
+        per_set: Dict[str, Gaps] = {}
+        for name, graphs in self.gap_sets.items():
+            if self.distributed:
+                r, w = self.rank, torch.distributed.get_world_size()
+                graphs = graphs[r::w]
+            gaps = head_gaps(
+                self._bare_model(),
+                self.config,
+                graphs,
+                batch_size=int(self.config[KEY.BATCH_SIZE]),
+            )
+            if self.distributed:
+                gaps = _all_gather_gaps(gaps)
+            if gaps is not None:
+                per_set[name] = gaps
+        if not per_set:
+            return
+        merged = _merge_gaps(list(per_set.values()))
+        rows = (
+            {'validset': summarize_gaps(merged)}
+            if 'validset' in self.metrics.acc
+            else {}
+        )
+        rows.update({n: summarize_gaps(g) for n, g in per_set.items()})
+        self.metrics.extra.update(rows)
+        ref = merged.reference
+        lines = [
+            f'fidelity gap of the {ref} head (per-atom energy beyond element '
+            'references: mean / sd in meV/atom; force: mean |dF| in meV/Å)'
+        ]
+        for name, row in rows.items():
+            cells = []
+            for other in merged.energy:
+                cells.append(
+                    f'to {other}: {row[f"gap_{other}_energy_mean"]:8.2f} / '
+                    f'{row[f"gap_{other}_energy_sd"]:7.2f}, '
+                    f'force {row[f"gap_{other}_force_mean"]:7.1f}'
+                )
+            lines.append(f'  {name:<26}' + '   '.join(cells))
+        log.writeline('\n'.join(lines))
+
+    def _early_stopping_step(self, log) -> None:
+        if self.early is None:
+            return
+        patience, min_delta = self.early
+        if self._epoch_best_candidate < self.best_value - min_delta:
+            self.epochs_since_best = 0
+        else:
+            self.epochs_since_best += 1
+        if self.epochs_since_best >= patience:
+            self.stopped = True
+            log.writeline(
+                f'early stopping: {self.best_loader} {self.best_metric} has not '
+                f'improved by more than {min_delta:g} for {patience} epochs'
+            )
+
+    def _range_on_training(self) -> Optional[Dict[str, Any]]:
+        if not self.gap_train:
+            return None
+        gaps = head_gaps(
+            self._bare_model(),
+            self.config,
+            self.gap_train,
+            batch_size=int(self.config[KEY.BATCH_SIZE]),
+        )
+        return GapRange.from_gaps(gaps).to_dict() if gaps is not None else None
+
+    def write_checkpoint(self, path: str, **extra) -> None:
         base = os.path.basename(path)
         epoch = int(extra.get('epoch', 0))
+        total = int(self.config.get(KEY.EPOCH, epoch))
+        final = epoch == total or self.stopped
         if base == BEST:
             if not self._epoch_best_candidate < self.best_value:
                 return  # sevenn's loop forgets the best value on resume; we don't
             self.best_value = self._epoch_best_candidate
+        if self.distributed and self.rank != 0:
+            if _NUMBERED.search(base) and self.stopped:
+                raise _EarlyStop
+            return
+        m = _NUMBERED.search(base)
+        if base == BEST or (m and final and epoch > 0):
+            self.gap_range = self._range_on_training()
         cp = self.get_checkpoint_dict()
         cp.update(extra)
         cp['sevenn_mf'] = {
             'best_value': self.best_value,
             'best_loader': self.best_loader,
+            'epochs_since_best': self.epochs_since_best,
+            'stopped_early': self.stopped,
+            'run': self.fingerprint,
+            'gap_range': self.gap_range,
         }
         d = os.path.dirname(path)
-        m = _NUMBERED.search(base)
         if m:
-            atomic_torch_save(cp, os.path.join(d, LAST))
-            total = int(self.config.get(KEY.EPOCH, epoch))
-            if epoch == 0 or not (
-                epoch % self.user_per_epoch == 0 or epoch == total
-            ):
-                return
+            # epoch 0 has nothing to resume: a start that fails blocks no rerun
+            if epoch > 0:
+                atomic_torch_save(cp, os.path.join(d, LAST))
+            if epoch > 0 and (epoch % self.user_per_epoch == 0 or final):
+                atomic_torch_save(cp, path)
+            if self.stopped:
+                raise _EarlyStop
+            return
         atomic_torch_save(cp, path)
+
+
+class _EarlyStop(Exception):
+    """Raised after the last checkpoint of an early-stopped run is written
+    (sevenn's epoch loop has no way out)."""
+
+
+def early_stopping_settings(
+    config: Dict[str, Any], best_loader: Optional[str]
+) -> Optional[Tuple[int, float]]:
+    """(patience, min_delta) of ``train.early_stopping`` (None: off)."""
+    raw = config.get(S.EARLY_STOPPING) or {}
+    if not raw:
+        return None
+    if not isinstance(raw, dict) or set(raw) - {'patience', 'min_delta'}:
+        raise ValueError(
+            'train.early_stopping takes {patience: epochs, min_delta: loss}, '
+            f'got {raw!r}'
+        )
+    patience = raw.get('patience')
+    if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
+        raise ValueError(
+            f'train.early_stopping.patience must be an integer >= 1, got {patience!r}'
+        )
+    min_delta = raw.get('min_delta', 0.0)
+    if not isinstance(min_delta, (int, float)) or min_delta < 0:
+        raise ValueError(
+            f'train.early_stopping.min_delta must be a number >= 0, got {min_delta!r}'
+        )
+    if best_loader is None:
+        raise ValueError(
+            'train.early_stopping needs validation data (a validation split of a '
+            'database) to monitor'
+        )
+    return patience, float(min_delta)
+
+
+# at most this many structures per set for the gap monitor and the range
+_GAP_MAX = 1000
+
+
+def _evenly(graphs, n: int = _GAP_MAX) -> List[Any]:
+    m = len(graphs)
+    if m <= n:
+        return [graphs[i] for i in range(m)]
+    return [graphs[int(i)] for i in np.linspace(0, m - 1, n).round()]
+
+
+def _gap_sets(config, data: Optional[TrainingData]):
+    """({per-fidelity validation set: graphs}, reference head's training
+    graphs) for the gap monitor and the range stored in checkpoints."""
+    ref = gap_reference(config)
+    if data is None or ref is None:
+        return {}, []
+    sets = {
+        name: _evenly(graphs)
+        for name, graphs in data.valid_sets().items()
+        if name.endswith('_validset')
+        and not name.endswith('_db_validset')
+        and name[: -len('_validset')] in config[S.FIDELITIES]
+    }
+    train_ref = [db.train for db in data.databases if db.spec.fidelity == ref]
+    train_graphs = _evenly(concat(train_ref)) if train_ref else []
+    return sets, train_graphs
+
+
+def _all_gather_gaps(gaps: Optional[Gaps]) -> Optional[Gaps]:
+    import torch.distributed as dist
+
+    parts: List[Optional[Gaps]] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, gaps)
+    parts = [p for p in parts if p is not None]
+    return _merge_gaps(parts) if parts else None
+
+
+def _merge_gaps(parts: List[Gaps]) -> Gaps:
+    others = list(parts[0].energy)
+    return Gaps(
+        parts[0].reference,
+        {o: np.concatenate([p.energy[o] for p in parts]) for o in others},
+        {o: np.concatenate([p.force[o] for p in parts]) for o in others},
+    )
 
 
 def _uneven_steps(loader) -> bool:
     """Whether the ranks run different numbers of training steps this epoch
     (the same answer on every rank: it depends only on the sampler)."""
     sampler = getattr(loader, 'sampler', None)
-    inner = getattr(loader, 'loader', loader)
-    batch = getattr(inner, 'batch_size', None)
+    batch = getattr(loader, 'batch_size', None)
     if not isinstance(sampler, DatabaseSampler) or not batch:
         return False
     if sampler.mode != 'proportional':
@@ -214,11 +428,21 @@ def _uneven_steps(loader) -> bool:
     return len(steps) > 1
 
 
-def make_trainer(model: torch.nn.Module, config: Dict[str, Any]) -> MFTrainer:
+def make_trainer(
+    model: torch.nn.Module,
+    config: Dict[str, Any],
+    coupling: Optional[CouplingSettings] = None,
+) -> MFTrainer:
     # Trainer.from_config is a staticmethod that instantiates Trainer itself;
     # re-classing its result keeps sevenn's config->arguments mapping in one place
     trainer = Trainer.from_config(model, {**config, KEY.IS_DDP: False})
     trainer.__class__ = MFTrainer
+    if coupling is not None:
+        # the same criterion as sevenn's energy term (e.g. Huber with its delta)
+        criterion = trainer.loss_functions[0][0].criterion
+        trainer.loss_functions.append(
+            (CouplingLoss(coupling, config, criterion), 1.0)
+        )
     if config.get(KEY.IS_DDP, False):
         trainer.enable_ddp()
     return trainer
@@ -348,6 +572,7 @@ def train(
     screen: bool = True,
 ) -> str:
     """Train; returns the path of the best (or last) checkpoint."""
+    check_config(config, training=True)  # before anything is read or written
     working_dir = os.path.abspath(working_dir)
     os.makedirs(working_dir, exist_ok=True)
     last = os.path.join(working_dir, LAST)
@@ -358,6 +583,12 @@ def train(
             f'{working_dir} already holds a run ({LAST}); use --resume to continue '
             'it or choose another working directory'
         )
+    resumed = None
+    if resume:
+        resumed = read_training_state(last)  # one clear error for a broken file
+        check_resume((resumed.get('sevenn_mf') or {}).get('run'), config, last)
+    check_options(config)
+    run_fingerprint = fingerprint(config)
     seed = int(config.get(KEY.RANDOM_SEED, 1))
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -377,8 +608,18 @@ def train(
         data = _prepare_data_once(config, working_dir, logger.writeline, rank, world)
         config = data.config
         config.setdefault(KEY.IS_DDP, False)
-        loaders = make_loaders(data, config, rank=rank, world_size=world)
+        couple = coupling_settings(config, data)
+        copies = None
+        if couple is not None:
+            logger.writeline(couple.describe())
+            if couple.function_space:
+                targets, copies_of = coupling_targets(couple)
+                copies = (targets, copies_of, couple.fraction)
+        loaders = make_loaders(
+            data, config, rank=rank, world_size=world, copies=copies
+        )
         logger.writeline(_data_summary(data))
+        logger.writeline(data.label_summary())
         if world > 1:
             logger.writeline(
                 f'distributed data parallel: {world} processes '
@@ -396,13 +637,13 @@ def train(
         if config.get(S.FREEZE_SHARED):
             frozen = freeze_shared(model)
             logger.writeline(f'frozen shared parameters: {len(frozen)} tensors')
-        trainer = make_trainer(model, config)
+        trainer = make_trainer(model, config, couple)
         finetune.configure_optimizer(trainer, config, log=logger.writeline)
         logger.print_model_info(model, config)
 
-        start_epoch, best_value = 1, math.inf
-        if resume:
-            cp = torch.load(last, map_location='cpu', weights_only=False)
+        start_epoch, state = 1, {}
+        if resumed is not None:
+            cp = resumed
             trainer.load_state_dicts(
                 cp['model_state_dict'],
                 cp['optimizer_state_dict'],
@@ -410,21 +651,34 @@ def train(
                 strict=True,
             )
             start_epoch = int(cp['epoch']) + 1
-            best_value = float(cp.get('sevenn_mf', {}).get('best_value', math.inf))
+            state = dict(cp.get('sevenn_mf') or {})
             logger.writeline(f'resuming from epoch {cp["epoch"]} ({last})')
         best_loader = _best_loader(config, loaders)
-        trainer.setup_run(config, working_dir, start_epoch, best_loader, best_value)
+        trainer.setup_run(
+            config,
+            working_dir,
+            start_epoch,
+            best_loader,
+            data=data,
+            state=state,
+            run_fingerprint=run_fingerprint,
+        )
         total = int(config[KEY.EPOCH])
-        if start_epoch <= total:
-            processing_epoch_v2(
-                config,
-                trainer,
-                loaders,
-                start_epoch=start_epoch,
-                best_metric_loader_key=best_loader or 'validset',
-                per_epoch=1,
-                working_dir=working_dir,
-            )
+        if trainer.stopped:
+            logger.writeline('this run stopped early before: nothing to do')
+        elif start_epoch <= total:
+            try:
+                processing_epoch_v2(
+                    config,
+                    trainer,
+                    loaders,
+                    start_epoch=start_epoch,
+                    best_metric_loader_key=best_loader or 'validset',
+                    per_epoch=1,
+                    working_dir=working_dir,
+                )
+            except _EarlyStop:
+                logger.writeline(f'stopped early after epoch {trainer.epoch - 1}')
     if world > 1:
         # rank 0's checkpoints are complete. The process group is left to
         # process exit: destroying it (gloo, torch 2.13) now and then left a
@@ -432,6 +686,32 @@ def train(
         torch.distributed.barrier()
     best = os.path.join(working_dir, BEST)
     return best if os.path.isfile(best) else last
+
+
+def check_options(config: Dict[str, Any]) -> None:
+    """Options of this module checked before any data is read."""
+    from .coupling import check_options as check_coupling
+
+    fids = list(config.get(S.FIDELITIES) or []) or sorted(
+        {
+            db.get('fidelity')
+            for db in config.get(S.DATABASES) or []
+            if isinstance(db, dict)
+        }
+        - {None}
+    )
+    check_coupling(config.get(S.COUPLING), fids)
+    if config.get(S.EARLY_STOPPING):
+        early_stopping_settings(config, best_loader='(checked later)')
+
+
+def coupling_settings(
+    config: Dict[str, Any], data: TrainingData
+) -> Optional[CouplingSettings]:
+    counts: Dict[str, int] = {}
+    for db in data.databases:
+        counts[db.spec.fidelity] = counts.get(db.spec.fidelity, 0) + len(db.train)
+    return settings_from(config.get(S.COUPLING), data.fidelities, counts)
 
 
 def _data_summary(data: TrainingData) -> str:

@@ -36,7 +36,7 @@ REL = 1e-4
 EPOCHS = 3
 
 
-def _raw(tmp_path, batch, n_low):
+def _raw(tmp_path, batch, n_low, coupling=None):
     write_emt(tmp_path / 'low.extxyz', n_low, seed=1)
     write_emt(tmp_path / 'high.extxyz', 8, seed=2, fidelity='high')
     write_emt(tmp_path / 'low_valid.extxyz', 6, seed=3)
@@ -68,6 +68,7 @@ def _raw(tmp_path, batch, n_low):
             'stress_loss_weight': 1e-3,
             'device': 'cpu',
             'best_fidelity': 'high',
+            'coupling': coupling or {},
         },
         'data': {
             'batch_size': batch,
@@ -124,14 +125,20 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize('n_low', [16, 17])  # 24 (even shards) / 25 (uneven: join)
-def test_two_gloo_ranks_match_one_process(tmp_path, n_low):
+# 24 (even shards) / 25 (uneven: join) structures; with the parameter-space
+# coupling (identical on every rank, so still exact) and the gap monitor
+@pytest.mark.parametrize(
+    'n_low,coupling',
+    [(16, None), (17, None), (16, {'anchor': 'low', 'parameter': 0.5})],
+    ids=['even', 'uneven', 'coupled'],
+)
+def test_two_gloo_ranks_match_one_process(tmp_path, n_low, coupling):
     global_batch = 8
     (tmp_path / 'one.yaml').write_text(
-        yaml.safe_dump(_raw(tmp_path, global_batch, n_low))
+        yaml.safe_dump(_raw(tmp_path, global_batch, n_low, coupling))
     )
     (tmp_path / 'two.yaml').write_text(
-        yaml.safe_dump(_raw(tmp_path, global_batch // 2, n_low))
+        yaml.safe_dump(_raw(tmp_path, global_batch // 2, n_low, coupling))
     )
     cli = ['-m', 'sevenn_mf.cli', 'train']
     _run([sys.executable] + cli + ['one.yaml', '-w', 'one', '-q'], tmp_path)
@@ -170,9 +177,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path, n_low):
         'low_validset',
         'high_validset',
     }
+    gap_cols = [k for k in m1[0] if k.startswith('gap_')]
+    assert gap_cols == [
+        'gap_low_energy_mean',
+        'gap_low_energy_sd',
+        'gap_low_force_mean',
+    ]
     for a, b in zip(m1, m2):
         for k in ('energy_rmse', 'force_rmse', 'stress_rmse', 'energy_mae'):
             assert float(b[k]) == pytest.approx(float(a[k]), rel=REL), (a['set'], k)
+        for k in gap_cols:  # the monitor gathers every rank's shard
+            assert (a[k] == '') == (b[k] == ''), (a['set'], k)
+            if a[k]:
+                assert float(b[k]) == pytest.approx(float(a[k]), rel=1e-3, abs=1e-3)
     # ... and sevenn's own (ErrorRecorder, all-reduced with ddp_reduce): the loss
     l1, l2 = _rows(next(one.glob('lc*.csv'))), _rows(next(two.glob('lc*.csv')))
     assert len(l1) == len(l2) == EPOCHS
@@ -191,3 +208,46 @@ def test_two_gloo_ranks_match_one_process(tmp_path, n_low):
     train_rmse = [float(r['force_rmse']) for r in m2 if r['set'] == 'trainset']
     assert train_rmse[-1] < train_rmse[0]  # it learned
     assert os.path.isfile(two / 'checkpoint_best.pth')
+    if coupling:
+        assert 'coupled heads high -> anchor low: parameter L2 high 0.5' in log
+
+
+def test_function_space_coupling_runs_under_ddp(tmp_path):
+    """Copies in the batch under DDP: shards hold different numbers of
+    low-fidelity structures, so this is not the single-process run exactly;
+    it must run, and the penalties must be computed on every rank."""
+    coupling = {'anchor': 'low', 'energy': 1.0, 'force': 0.5, 'fraction': 0.5}
+    (tmp_path / 'two.yaml').write_text(
+        yaml.safe_dump(_raw(tmp_path, 4, 17, coupling))
+    )
+    _run(
+        [
+            sys.executable,
+            '-m',
+            'torch.distributed.run',
+            '--nnodes',
+            '1',
+            '--nproc_per_node',
+            '2',
+            '--rdzv_backend',
+            'c10d',
+            '--rdzv_endpoint',
+            f'127.0.0.1:{_free_port()}',
+            '-m',
+            'sevenn_mf.cli',
+            'train',
+            'two.yaml',
+            '-w',
+            'two',
+            '-q',
+        ],
+        tmp_path,
+    )
+    log = (tmp_path / 'two' / 'log.sevenn_mf').read_text()
+    lines = [ln for ln in log.splitlines() if ln.startswith('coupling penalties')]
+    assert len(lines) == EPOCHS
+    assert all('energy' in ln and 'force' in ln for ln in lines)
+    rows = _rows(tmp_path / 'two' / 'metrics.csv')
+    assert all(
+        float(r['force_rmse']) == float(r['force_rmse']) for r in rows
+    )  # finite

@@ -23,7 +23,7 @@ from sevenn_mf.train import train
 EPOCHS = 3
 
 
-def _raw(tmp_path, storage='memory', store_dir=None, extra_db=False):
+def _raw(tmp_path, storage='memory', store_dir=None, extra_db=False, coupling=None):
     if not (tmp_path / 'low.extxyz').exists():
         write_emt(tmp_path / 'low.extxyz', 20, seed=1)
         write_emt(tmp_path / 'high.extxyz', 10, seed=2, fidelity='high')
@@ -75,6 +75,7 @@ def _raw(tmp_path, storage='memory', store_dir=None, extra_db=False):
             'force_loss_weight': 0.1,
             'stress_loss_weight': 1e-3,
             'device': 'cpu',
+            'coupling': coupling or {},
         },
         'data': data,
     }
@@ -89,12 +90,22 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
-def test_training_from_store_matches_memory(tmp_path):
-    """Same seed, same data: the same loss trajectory and the same model.
+@pytest.mark.parametrize(
+    'coupling',
+    [None, {'anchor': 'low', 'energy': 1.0, 'force': 0.5, 'fraction': 0.5}],
+    ids=['plain', 'coupled'],
+)
+def test_training_from_store_matches_memory(tmp_path, coupling):
+    """Same seed, same data: the same loss trajectory and the same model,
+    also with coupled heads (copies of stored graphs in the batch).
     Tolerance rel 1e-6 (observed: identical; the graphs are the same tensors
     and the statistics the same arithmetic)."""
-    train(_config(tmp_path), str(tmp_path / 'mem'), screen=False)
-    train(_config(tmp_path, storage='lmdb'), str(tmp_path / 'lmdb'), screen=False)
+    train(_config(tmp_path, coupling=coupling), str(tmp_path / 'mem'), screen=False)
+    train(
+        _config(tmp_path, storage='lmdb', coupling=coupling),
+        str(tmp_path / 'lmdb'),
+        screen=False,
+    )
     assert list((tmp_path / 'lmdb' / 'graph_store').glob('*.lmdb'))
     assert not (tmp_path / 'lmdb' / 'graph_cache').exists()
     m1 = _rows(tmp_path / 'mem' / 'metrics.csv')

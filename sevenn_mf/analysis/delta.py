@@ -268,16 +268,24 @@ def _load_deployed(path: str) -> Tuple[torch.jit.ScriptModule, Dict[str, str]]:
 def deploy_sum(parts: Sequence[Tuple[str, Optional[str]]], output: str) -> str:
     """One ``pair_style e3gnn`` file computing the sum of ``parts``
     ((checkpoint, fidelity) pairs)."""
+    from ..checkpoint import Checkpoint, refuse_overwriting
     from ..deploy import deploy
 
     if len(parts) < 1:
         raise ValueError('nothing to deploy')
+    output = str(output)
+    if not output.endswith('.pt'):
+        output += '.pt'
+    # every part read (and checked) before anything is deployed or written
+    sources = [Checkpoint(ckpt) for ckpt, _ in parts]
+    for cp in sources:
+        refuse_overwriting(cp.path, output)
     modules, metas = [], []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, (ckpt, fid) in enumerate(parts):
-            path = deploy(
-                ckpt, fidelity=fid, output=os.path.join(tmp, f'part{i}.pt')
-            )[0]
+        for i, (cp, (_, fid)) in enumerate(zip(sources, parts)):
+            path = deploy(cp, fidelity=fid, output=os.path.join(tmp, f'part{i}.pt'))[
+                0
+            ]
             m, meta = _load_deployed(path)
             modules.append(m)
             metas.append(meta)
@@ -293,9 +301,6 @@ def deploy_sum(parts: Sequence[Tuple[str, Optional[str]]], output: str) -> str:
     meta['sevenn_mf_sum_of'] = ' + '.join(
         f'{os.path.basename(str(c))}@{f}' for c, f in parts
     )
-    output = str(output)
-    if not output.endswith('.pt'):
-        output += '.pt'
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     torch.jit.save(wrapper, output, _extra_files=meta)
     return os.path.abspath(output)

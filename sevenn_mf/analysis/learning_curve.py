@@ -11,6 +11,9 @@ Spec (YAML; paths relative to it)::
     test:
         files: [../shared/data/ingan/hf_test_dev_r2scan.extxyz]
         fidelity: r2scan            # optional: default the HF fidelity
+    lf_test:                        # optional: the LF head on LF labels
+        files: [../shared/data/ingan/hf_test_dev_pbe.extxyz]
+        fidelity: pbe
     mixing:                         # optional (InGaN): mixing energies
         end_members: [../shared/data/ingan/hf_train_r2scan.extxyz]
         terminals: [GaN, InN]
@@ -24,6 +27,13 @@ the subset, so n counts every HF structure the run sees). The seed is also
 the run's ``random_seed``. Runs are independent folders
 ``runs/<method>/n<n>_s<seed>/``; stages that do not depend on the HF subset
 (the LF model of transfer and delta) are shared under ``shared/``.
+
+Each row of ``results.csv`` has the HF test errors (MAE, RMSE and the signed
+mean error ``*_bias``), the same model's LF-head errors on ``lf_test``
+(``lf_*``: the MF model at the LF fidelity, the fine-tuned transfer model at
+its pretraining fidelity, the LF part of a delta model; none for hf-only),
+and, per run, the epochs trained and the best epoch of its last stage (the
+evidence that it converged).
 
 ``results.csv`` gets one row per finished run, rewritten atomically (a
 temporary file renamed over it); a run already in it is skipped, and an
@@ -54,12 +64,18 @@ COLUMNS = [
     'n_hf_pool',
     'energy_mae',
     'energy_rmse',
+    'energy_bias',
     'force_mae',
     'force_rmse',
     'stress_mae',
     'mixing_mae',
     'mixing_rmse',
     'mixing_r2',
+    'lf_energy_mae',
+    'lf_energy_bias',
+    'lf_force_mae',
+    'epochs',
+    'best_epoch',
     'train_seconds',
     'stage_seconds',
     'eval_seconds',
@@ -68,14 +84,26 @@ COLUMNS = [
 METRICS = [
     'energy_mae',
     'energy_rmse',
+    'energy_bias',
     'force_mae',
     'force_rmse',
     'mixing_mae',
     'mixing_r2',
+    'lf_energy_mae',
+    'lf_energy_bias',
+    'lf_force_mae',
+    'epochs',
+    'best_epoch',
 ]
 UNITS = {
     'energy_mae': 'meV/atom',
     'energy_rmse': 'meV/atom',
+    'energy_bias': 'meV/atom',
+    'lf_energy_mae': 'meV/atom',
+    'lf_energy_bias': 'meV/atom',
+    'lf_force_mae': 'meV/Å',
+    'epochs': '',
+    'best_epoch': '',
     'force_mae': 'meV/Å',
     'force_rmse': 'meV/Å',
     'mixing_mae': 'meV/atom',
@@ -100,7 +128,16 @@ def read_spec(path: str) -> Dict[str, Any]:
     with open(path) as f:
         spec = yaml.safe_load(f) or {}
     base = os.path.dirname(path)
-    allowed = {'input', 'methods', 'hf_sizes', 'seeds', 'epochs', 'test', 'mixing'}
+    allowed = {
+        'input',
+        'methods',
+        'hf_sizes',
+        'seeds',
+        'epochs',
+        'test',
+        'lf_test',
+        'mixing',
+    }
     bad = sorted(set(spec) - allowed)
     if bad:
         raise SpecError(f'{path}: unknown key(s) {bad}; allowed: {sorted(allowed)}')
@@ -125,6 +162,12 @@ def read_spec(path: str) -> Dict[str, Any]:
     if not test['files']:
         raise SpecError(f'{path}: test.files is empty')
     spec['test'] = test
+    if spec.get('lf_test'):
+        lf = dict(spec['lf_test'])
+        lf['files'] = _abs(base, lf.get('files') or [])
+        if not lf['files'] or not lf.get('fidelity'):
+            raise SpecError(f'{path}: lf_test needs files and fidelity')
+        spec['lf_test'] = lf
     if spec.get('mixing'):
         mixing = dict(spec['mixing'])
         mixing['end_members'] = _abs(base, mixing.get('end_members') or [])
@@ -158,9 +201,14 @@ def _write_csv(
 
 
 def append_result(out_dir: str, row: Dict[str, Any]) -> None:
-    """Add one row to results.csv atomically (old file or new file, never half)."""
-    rows = read_results(out_dir) + [{k: _fmt(row.get(k, '')) for k in COLUMNS}]
-    _write_csv(os.path.join(out_dir, RESULTS), COLUMNS, rows)
+    """Add one row to results.csv atomically (old file or new file, never
+    half), under a lock: several processes may run parts of one curve."""
+    import fcntl
+
+    with open(os.path.join(out_dir, '.results.lock'), 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = read_results(out_dir) + [{k: _fmt(row.get(k, '')) for k in COLUMNS}]
+        _write_csv(os.path.join(out_dir, RESULTS), COLUMNS, rows)
 
 
 def _fmt(v: Any) -> str:
@@ -255,11 +303,47 @@ def _subset_input(mi, files: Dict[str, List[str]]):
 
 
 # ---- evaluation -------------------------------------------------------------------
+def _bias(p) -> float:
+    """Mean signed energy error (meV/atom) of predictions ``p``."""
+    ref, pred = np.asarray(p.e_ref, float), np.asarray(p.e_pred, float)
+    ok = np.isfinite(ref)
+    return float(1000 * (pred[ok] - ref[ok]).mean()) if ok.any() else float('nan')
+
+
+def lf_parts(run_dir: str, lf_fidelity: str):
+    """The (checkpoint, fidelity) parts of a method run's LF head: the MF or
+    fine-tuned model at ``lf_fidelity``, the LF part of a delta model; None
+    for hf-only (no LF head)."""
+    from .predict import read_parts
+
+    parts, meta = read_parts(run_dir)
+    method = meta.get('method')
+    if method == 'hf-only':
+        return None
+    if method == 'delta':
+        return [parts[0]]
+    return [(parts[0][0], lf_fidelity)]
+
+
+def convergence(run_dir: str):
+    """(epochs trained, best epoch) of a run's last stage."""
+    from ..checkpoint import Checkpoint
+    from ..metrics import FidelityMetrics
+    from .predict import read_parts
+
+    parts, _ = read_parts(run_dir)
+    ckpt = parts[-1][0]
+    metrics = os.path.join(os.path.dirname(ckpt), 'metrics.csv')
+    epochs = max(int(r['epoch']) for r in FidelityMetrics.read_csv(metrics))
+    return epochs, Checkpoint(ckpt).epoch
+
+
 def evaluate_run(
     run_dir: str,
     test_files: Sequence[str],
     fidelity: Optional[str],
     mixing: Optional[Dict[str, Any]] = None,
+    lf_test: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, float]:
     from ..evaluate import error_summary, parity_plot
     from .hull import mixing_report
@@ -277,10 +361,24 @@ def evaluate_run(
     row = {
         'energy_mae': err['energy MAE (meV/atom)'],
         'energy_rmse': err['energy RMSE (meV/atom)'],
+        'energy_bias': _bias(p),
         'force_mae': err['force MAE (meV/Å)'],
         'force_rmse': err['force RMSE (meV/Å)'],
         'stress_mae': err['stress MAE (GPa)'],
     }
+    row['epochs'], row['best_epoch'] = convergence(run_dir)
+    if lf_test:
+        parts = lf_parts(run_dir, lf_test['fidelity'])
+        if parts is not None:
+            _, lp = MethodModel(parts).predict_files(lf_test['files'])
+            lerr = error_summary(lp)
+            row.update(
+                {
+                    'lf_energy_mae': lerr['energy MAE (meV/atom)'],
+                    'lf_energy_bias': _bias(lp),
+                    'lf_force_mae': lerr['force MAE (meV/Å)'],
+                }
+            )
     if mixing:
         m = mixing_report(
             model,
@@ -390,7 +488,11 @@ def run_learning_curve(
         )
         t1 = time.time()
         row = evaluate_run(
-            run_dir, spec['test']['files'], test_fid, spec.get('mixing')
+            run_dir,
+            spec['test']['files'],
+            test_fid,
+            spec.get('mixing'),
+            spec.get('lf_test'),
         )
         row.update(
             {
@@ -425,7 +527,10 @@ def run_learning_curve(
 def _check_no_test_in_training(mi, spec) -> None:
     from ..data.databases import parse_databases
 
-    test = {os.path.realpath(f) for f in spec['test']['files']}
+    test = {
+        os.path.realpath(f)
+        for f in spec['test']['files'] + (spec.get('lf_test') or {}).get('files', [])
+    }
     train_files = set()
     for s in parse_databases(mi.databases, mi.base_dir):
         train_files.update(os.path.realpath(f) for f in s.files)

@@ -24,7 +24,11 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     ``lf_fidelity``, ``lf_epochs``, ``delta_epochs``.
 ``mf``, ``mf-onehot``, ``mf-indexed``
     Every database together, one multi-fidelity model (``mf`` keeps the
-    YAML's ``fidelity_layer_mode``).
+    YAML's ``fidelity_layer_mode``), with the YAML's ``train.coupling``
+    (coupled fidelity heads, :mod:`sevenn_mf.coupling`).
+``mf-uncoupled``
+    The same without ``train.coupling``: multi-fidelity training as it was
+    before coupled heads, for comparison.
 
 ``train.min_epoch_length: M`` makes a stage whose training set is smaller
 than M draw M structures per epoch (repeating the set; sevenn_mf's
@@ -53,18 +57,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
+from ..config import DELTA_KEYS, METHOD_KEYS, TRANSFER_KEYS
 from .delta import DELTA_FIDELITY, delta_databases
 
-METHODS = ('hf-only', 'transfer', 'delta', 'mf', 'mf-onehot', 'mf-indexed')
-# train-section keys read here (removed before sevenn's parser sees the YAML)
-METHOD_KEYS = ('method', 'hf_fidelity', 'transfer', 'delta', 'min_epoch_length')
-TRANSFER_KEYS = (
-    'pretrain_epochs',
-    'finetune_epochs',
-    'finetune_lr',
-    'shared_lr_factor',
+METHODS = (
+    'hf-only',
+    'transfer',
+    'delta',
+    'mf',
+    'mf-uncoupled',
+    'mf-onehot',
+    'mf-indexed',
 )
-DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs')
+MF_METHODS = ('mf', 'mf-uncoupled', 'mf-onehot', 'mf-indexed')
+# train-section keys read here (METHOD_KEYS; removed before sevenn's parser
+# sees the YAML), TRANSFER_KEYS and DELTA_KEYS: defined with the other known
+# keys in sevenn_mf.config
 MODEL_JSON = 'model.json'
 STAGE_JSON = 'stage.json'
 
@@ -159,9 +167,12 @@ def _check_method(method: Optional[str]) -> None:
 def method_input_from_dict(
     raw: Dict[str, Any], base_dir: str = '.', path: Optional[str] = None
 ) -> MethodInput:
+    from ..config import check_keys
+
     raw = copy.deepcopy(raw)
     if not isinstance(raw, dict):
         raise MethodError('expected a mapping with sections model/train/data')
+    check_keys(raw, path)  # every key known, with a suggestion for a typo
     for sec in ('model', 'train', 'data'):
         raw[sec] = dict(raw.get(sec) or {})
     train = raw['train']
@@ -335,7 +346,10 @@ def run_stage(
     fp = fingerprint(raw, base_dir)
     meta_path = os.path.join(stage_dir, STAGE_JSON)
     meta = _read_json(meta_path)
-    if meta is not None and meta.get('fingerprint') != fp:
+    started = meta is not None and (
+        meta.get('status') == 'done' or os.path.isfile(os.path.join(stage_dir, LAST))
+    )
+    if meta is not None and meta.get('fingerprint') != fp and started:
         raise MethodError(
             f'{stage_dir} holds a {meta.get("name")} stage of a different input '
             '(config or data changed); use another working directory'
@@ -465,6 +479,7 @@ def stage_raw(
     lr: Optional[float] = None,
     train_extra: Optional[Dict[str, Any]] = None,
     base_dir: Optional[str] = None,
+    coupling: bool = False,
 ) -> Dict[str, Any]:
     """The training YAML (as a dict) of one stage."""
     import warnings
@@ -472,6 +487,8 @@ def stage_raw(
     base_dir = base_dir or mi.base_dir
     raw = copy.deepcopy(mi.raw)
     model, train, data = raw['model'], raw['train'], raw['data']
+    if not coupling:  # coupled heads belong to the multi-fidelity stage only
+        train.pop('coupling', None)
     data['databases'] = copy.deepcopy(list(databases))
     fids = {db['fidelity'] for db in databases}
     train['best_fidelity'] = best_fidelity
@@ -597,6 +614,10 @@ def run_method(
     if epochs is not None:
         mi = copy.deepcopy(mi)
         mi.raw['train']['epoch'] = int(epochs)
+    from ..config import config_from_dict
+
+    # every option checked before any folder is made (stages check theirs again)
+    config_from_dict(mi.raw, mi.base_dir, source=mi.path)
     working_dir = os.path.abspath(working_dir)
     os.makedirs(working_dir, exist_ok=True)
     hf = mi.hf_fidelity
@@ -618,9 +639,18 @@ def run_method(
         raw = stage_raw(mi, mi.hf_databases, best_fidelity=hf, epochs=E)
         stages.append(stage('hf-only', raw))
         parts = [(stages[-1].checkpoint, hf)]
-    elif method in ('mf', 'mf-onehot', 'mf-indexed'):
-        mode = None if method == 'mf' else method.split('-')[1]
-        raw = stage_raw(mi, mi.databases, best_fidelity=hf, epochs=E, mode=mode)
+    elif method in MF_METHODS:
+        mode = (
+            method.split('-')[1] if method in ('mf-onehot', 'mf-indexed') else None
+        )
+        raw = stage_raw(
+            mi,
+            mi.databases,
+            best_fidelity=hf,
+            epochs=E,
+            mode=mode,
+            coupling=method != 'mf-uncoupled',
+        )
         stages.append(stage(method, raw))
         parts = [(stages[-1].checkpoint, hf)]
     elif method == 'transfer':

@@ -18,6 +18,7 @@ import filecmp
 import glob
 import hashlib
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from ase.utils import string2index
 
 from .. import _sevenn as S
+from .._sevenn import KEY
+from .references import OUTLIER_FLOOR
 
 LABELS = ('energy', 'force', 'stress')
 ALLOWED_KEYS = (
@@ -45,6 +48,8 @@ ALLOWED_KEYS = (
     'validation',
     'reader',
     'role',
+    'allow_outliers',
+    'outlier_threshold',
 )
 ROLES = ('train', 'valid', 'test')
 LABEL_KEYS = {'energy': 'energy_key', 'force': 'force_key', 'stress': 'stress_key'}
@@ -75,6 +80,10 @@ class DatabaseSpec:
     # ase.io.read kwargs plus optional energy_key/force_key/stress_key
     reader: dict = field(default_factory=lambda: {'index': ':'})
     role: str = 'train'
+    # energy-per-atom outliers (see references.energy_outliers): refused
+    # unless allowed; the threshold is the floor in eV/atom
+    allow_outliers: bool = False
+    outlier_threshold: float = OUTLIER_FLOOR
 
 
 def parse_databases(raw: list, base_dir: str) -> List[DatabaseSpec]:
@@ -130,6 +139,22 @@ def _parse_one(entry: Any, i: int, base_dir: str) -> DatabaseSpec:
         raise DataError(
             f"database '{name}': role {role!r} is not one of {', '.join(ROLES)}"
         )
+    allow = entry.get('allow_outliers', False)
+    if not isinstance(allow, bool):
+        raise DataError(
+            f"database '{name}': allow_outliers must be true or false, got {allow!r}"
+        )
+    threshold = entry.get('outlier_threshold', OUTLIER_FLOOR)
+    if (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, (int, float))
+        or not np.isfinite(threshold)
+        or threshold <= 0
+    ):
+        raise DataError(
+            f"database '{name}': outlier_threshold must be a number > 0 "
+            f'(eV/atom), got {threshold!r}'
+        )
     return DatabaseSpec(
         name=name,
         fidelity=fidelity,
@@ -138,6 +163,8 @@ def _parse_one(entry: Any, i: int, base_dir: str) -> DatabaseSpec:
         validation=_parse_validation(entry.get('validation'), base_dir, name, files),
         reader=_parse_reader(entry.get('reader'), name),
         role=role,
+        allow_outliers=allow,
+        outlier_threshold=float(threshold),
     )
 
 
@@ -373,13 +400,7 @@ def _read_ase(path: str, reader: dict) -> List[Frame]:
         for atoms in ase.io.iread(path, index=':', **kwargs):
             everything.append(atoms)
     except Exception as e:
-        kind = type(e).__name__
-        if not everything and kind == 'UnknownFileTypeError':
-            raise DataError(f'{path}: cannot be read ({kind}: {e})') from e
-        raise DataError(
-            f'{path}, frame {len(everything)}: cannot be read, the file may be '
-            f'truncated or malformed ({kind}: {e})'
-        ) from e
+        raise read_error(path, len(everything), e, kwargs.get('format')) from e
     numbered = list(enumerate(everything))
     try:
         selection = string2index(index) if isinstance(index, str) else index
@@ -389,6 +410,101 @@ def _read_ase(path: str, reader: dict) -> List[Frame]:
     if isinstance(selection, int):
         chosen = [chosen]
     return [label_frame(a, path, i, keys, reader) for i, a in chosen]
+
+
+def read_error(
+    path: str, n_read: int, exc: Exception, fmt: Optional[str] = None
+) -> DataError:
+    """The error for an exception from ``ase.io.iread`` after ``n_read``
+    frames came out, naming the frame that caused it.
+
+    ASE's (ext)xyz reader first scans the whole file for frame offsets, so an
+    atom count that does not match the atom lines fails before frame 0 comes
+    out; the file is then scanned here to find the frame."""
+    kind = type(exc).__name__
+    text = ' '.join(str(exc).split())
+    if len(text) > 160:
+        text = text[:157] + '...'
+    if n_read == 0 and kind == 'UnknownFileTypeError':
+        return DataError(f'{path}: cannot be read ({kind}: {text})')
+    frame, reason = n_read, 'the file may be truncated or malformed'
+    if _is_xyz(path, fmt):
+        try:
+            found = _xyz_layout_problem(path)
+        except (OSError, UnicodeDecodeError):
+            found = None
+        # frames that did come out were read, so only a later one is at fault
+        if found is not None and (n_read == 0 or found[0] == n_read):
+            frame, reason = found
+    return DataError(
+        f'{path}, frame {frame}: cannot be read, {reason} ({kind}: {text})'
+    )
+
+
+def _is_xyz(path: str, fmt: Optional[str]) -> bool:
+    if fmt is not None:
+        return fmt in ('extxyz', 'xyz')
+    return path.lower().endswith(('.xyz', '.extxyz'))
+
+
+def _xyz_columns(comment: str) -> Optional[int]:
+    """Columns of an atom line from the comment's Properties (None: plain
+    xyz, or not parsable)."""
+    from ase.io.extxyz import key_val_str_to_dict
+
+    try:
+        props = key_val_str_to_dict(comment).get('Properties')
+        if not isinstance(props, str):
+            return None
+        fields = props.split(':')
+        return sum(int(n) for n in fields[2::3])
+    except Exception:
+        return None
+
+
+def _xyz_layout_problem(path: str):
+    """(frame, what is wrong) for the first frame whose atom count does not
+    match its atom lines, or None. Mirrors ASE's frame scan (a blank line ends
+    the file, VEC lines may follow the atoms)."""
+    with open(path) as f:
+        frame, previous = 0, 0
+        line = f.readline()
+        while line.strip():
+            try:
+                natoms = int(line)
+            except ValueError:
+                if frame == 0:
+                    return (
+                        0,
+                        f'its first line {line.strip()[:40]!r} is not an atom count',
+                    )
+                return frame - 1, (
+                    f'its header gives {previous} atoms but more atom lines follow'
+                )
+            ncols = _xyz_columns(f.readline())
+            for k in range(natoms):
+                words = f.readline().split()
+                if not words:
+                    return frame, (
+                        f'its header gives {natoms} atoms but the file ends after '
+                        f'{k} atom lines (truncated?)'
+                    )
+                if len(words) == 1 and words[0].isdigit():
+                    return frame, (
+                        f'its header gives {natoms} atoms but only {k} atom lines '
+                        'follow'
+                    )
+                if ncols is not None and len(words) != ncols:
+                    return frame, (
+                        f'atom line {k} has {len(words)} columns, its Properties '
+                        f'give {ncols}'
+                    )
+            line = f.readline()
+            while line.lstrip().startswith('VEC'):
+                line = f.readline()
+            previous = natoms
+            frame += 1
+    return None
 
 
 def label_frame(
@@ -410,7 +526,7 @@ def label_frame(
                 else:  # a live calculator: known only once evaluated
                     present[label] = None
                 continue
-            value = _keyed_label(atoms, key, label)
+            value = _keyed_label(atoms, key, label, where)
             present[label] = value is not None
             if value is None:
                 value = _nan_label(label, len(atoms))
@@ -428,6 +544,7 @@ def label_frame(
         finally:
             if injected:
                 stored.pop('energy', None)
+        _check_label_shapes(atoms, where)
     except DataError:
         raise
     except Exception as e:
@@ -442,7 +559,39 @@ def label_frame(
     return frame
 
 
-def _keyed_label(atoms: Atoms, key: str, label: str) -> Optional[np.ndarray]:
+def _check_label_shapes(atoms: Atoms, where: str) -> None:
+    """Labels as numbers of the shapes sevenn's graphs need (a wrong shape
+    would otherwise pass every check and fail inside the first epoch)."""
+    n = len(atoms)
+    expected = {'energy': (), 'force': (n, 3), 'stress': (6,)}
+    stores = {'energy': atoms.info, 'force': atoms.arrays, 'stress': atoms.info}
+    for label in LABELS:
+        key = f'y_{label}'
+        raw = stores[label][key]
+        name = {'force': 'forces'}.get(label, label)
+        try:
+            value = np.asarray(raw, dtype=float)
+        except (TypeError, ValueError):
+            shown = raw if np.ndim(raw) == 0 else np.asarray(raw).ravel()[0]
+            raise DataError(f'{where}: {name} {shown!r} is not a number') from None
+        if label == 'energy' and value.size == 1:
+            value = value.reshape(())
+        if value.shape != expected[label]:
+            want = {
+                'energy': 'one number',
+                'force': f'({n}, 3): one 3-vector per atom',
+                'stress': '6 values (Voigt) or a 3x3 tensor',
+            }[label]
+            verb = 'have' if label == 'force' else 'has'
+            raise DataError(
+                f'{where}: {name} {verb} shape {value.shape}, expected {want}'
+            )
+        stores[label][key] = float(value) if label == 'energy' else value
+
+
+def _keyed_label(
+    atoms: Atoms, key: str, label: str, where: str
+) -> Optional[np.ndarray]:
     """A label named by the user: info/arrays first, then the calculator
     (extxyz moves standard names such as 'energy' there). None if absent."""
     source = atoms.arrays if label == 'force' else atoms.info
@@ -452,15 +601,28 @@ def _keyed_label(atoms: Atoms, key: str, label: str) -> Optional[np.ndarray]:
         value = getattr(calc, 'results', {}).get(key)
     if value is None:
         return None
-    value = np.asarray(value, dtype=float)
-    if label == 'energy':
+    try:
+        value = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise DataError(f'{where}: {label} key {key!r} is not numeric') from None
+    shape = value.shape
+    if label == 'energy' and value.size == 1:
         return value.reshape(())
-    if label == 'force':
-        return value.reshape(len(atoms), 3)
-    if value.size == 9:
-        # _set_atoms_y expects ASE's Voigt order for keyed stress.
-        value = full_3x3_to_voigt_6_stress(value.reshape(3, 3))
-    return value.reshape(6)
+    if label == 'force' and shape == (len(atoms), 3):
+        return value
+    if label == 'stress' and value.size in (6, 9):
+        if value.size == 9:
+            # _set_atoms_y expects ASE's Voigt order for keyed stress.
+            value = full_3x3_to_voigt_6_stress(value.reshape(3, 3))
+        return value.reshape(6)
+    want = {
+        'energy': 'one number',
+        'force': f'({len(atoms)}, 3): one 3-vector per atom',
+        'stress': '6 values (Voigt) or a 3x3 tensor',
+    }[label]
+    raise DataError(
+        f'{where}: {label} key {key!r} has shape {shape}, expected {want}'
+    )
 
 
 def _nan_label(label: str, n_atoms: int) -> np.ndarray:
@@ -520,9 +682,9 @@ def validate_frames(
     """Raise :class:`DataError` listing every unusable frame.
 
     Checks: a present label with NaN or inf (a label is complete or absent,
-    never half NaN), no energy and no force label (nothing to learn), atoms
-    closer than ``min_distance`` Å (minimum image), and elements outside
-    ``species`` when given.
+    never half NaN), no energy and no force label (nothing to learn), a
+    singular periodic cell, atoms closer than ``min_distance`` Å (minimum
+    image), and elements outside ``species`` when given.
     """
     frames = list(frames)
     if not frames:
@@ -536,9 +698,10 @@ def validate_frames(
     if problems:
         shown = problems[:_MAX_REPORTED]
         more = len(problems) - len(shown)
-        tail = [f'... and {more} more'] if more else []
+        tail = [f'and {more} more'] if more else []
+        # one line: the CLI reports errors as one line
         raise DataError(
-            f'{len(problems)} problems in the data:\n  ' + '\n  '.join(shown + tail)
+            f'{len(problems)} problems in the data: ' + '; '.join(shown + tail)
         )
 
 
@@ -577,6 +740,10 @@ def frame_problems(frame: Frame, known: Optional[set], min_distance: float):
             )
     if 'energy' in missing and 'force' in missing:
         yield f'{where}: has neither an energy nor a force label (nothing to learn)'
+    if frame.atoms is not None:
+        singular = _singular_cell(frame.atoms)
+        if singular:
+            yield f'{where}: {singular}'
     numbers = frame.numbers
     if known is not None:
         unknown = sorted(set(int(z) for z in numbers) - known)
@@ -597,6 +764,32 @@ def frame_problems(frame: Frame, known: Optional[set], min_distance: float):
                 else f'atoms {i} and {j} are {d:.2f} Å apart'
             )
             yield f'{where}: {pair} (< {min_distance} Å)'
+
+
+_SINGULAR_TOL = 1e-6  # Å (singular value) or Å^3 (volume)
+
+
+def _singular_cell(atoms: Atoms) -> Optional[str]:
+    """Why a periodic structure's cell cannot be used (sevenn's graph build
+    inverts it), or None."""
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not pbc.any():
+        return None
+    from ase.geometry import complete_cell
+
+    cell = np.asarray(atoms.cell.array, dtype=float)
+    flags = ''.join('T' if p else 'F' for p in pbc)
+    periodic = cell[pbc]
+    rank = int(np.sum(np.linalg.svd(periodic, compute_uv=False) > _SINGULAR_TOL))
+    if rank < len(periodic):
+        return (
+            f'its cell is singular (zero volume): {rank} independent cell vectors '
+            f'for {len(periodic)} periodic directions (pbc {flags})'
+        )
+    volume = abs(float(np.linalg.det(complete_cell(cell))))
+    if volume < _SINGULAR_TOL:
+        return f'its cell is singular (volume {volume:.3g} Å^3, pbc {flags})'
+    return None
 
 
 def _neighbor_list(atoms: Atoms, cutoff: float):
@@ -629,6 +822,56 @@ def _closest_pair(frame: Frame, min_distance: float):
         return None
     k = int(np.argmin(d))
     return int(min(i[k], j[k])), int(max(i[k], j[k])), float(d[k])
+
+
+# ---- identity and names ------------------------------------------------------------
+HASH_TOLERANCE = 1e-6  # Å: structures this close are the same structure
+
+
+def frame_hash(frame: Frame) -> int:
+    """Identity of a structure: species in order, cell, positions (rounded
+    to ``HASH_TOLERANCE``) and pbc, as a signed 64-bit integer."""
+    h = hashlib.blake2b(digest_size=8)
+    if frame.atoms is not None:
+        a = frame.atoms
+        parts = [a.numbers, a.positions, a.cell.array, a.pbc]
+    else:
+        g = frame.graph
+        parts = [frame.numbers, _graph_array(g, 'pos'), _graph_array(g, KEY.CELL)]
+    for p in parts:
+        p = np.asarray(p)
+        if np.issubdtype(p.dtype, np.floating):
+            p = np.rint(p / HASH_TOLERANCE)
+        h.update(np.ascontiguousarray(p, dtype=np.int64).tobytes())
+    return int.from_bytes(h.digest(), 'big', signed=True)
+
+
+# names under which files often hold a label that sevenn_mf does not read
+_LOOKS_LIKE = {
+    'force': re.compile(r'forc|grad|^f$|^f_|_f$', re.IGNORECASE),
+    'energy': re.compile(r'energ|^e$|^e_|_e$|^etot', re.IGNORECASE),
+}
+_NOT_CANDIDATES = {'numbers', 'positions', 'y_force', 'y_energy', 'y_stress'}
+
+
+def label_candidates(frame: Frame) -> Dict[str, List[str]]:
+    """Keys of a frame that look like an energy (info, a number) or forces
+    (arrays, one 3-vector per atom) under a name that was not read as one."""
+    out: Dict[str, List[str]] = {'energy': [], 'force': []}
+    if frame.atoms is None:
+        return out
+    a = frame.atoms
+    for k, v in a.arrays.items():
+        if k in _NOT_CANDIDATES or not _LOOKS_LIKE['force'].search(k):
+            continue
+        if np.shape(v) == (len(a), 3) and np.asarray(v).dtype.kind in 'fi':
+            out['force'].append(k)
+    for k, v in a.info.items():
+        if k in _NOT_CANDIDATES or not _LOOKS_LIKE['energy'].search(k):
+            continue
+        if isinstance(v, (int, float, np.number)) and not isinstance(v, bool):
+            out['energy'].append(k)
+    return out
 
 
 # ---- files ---------------------------------------------------------------------

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from torch.utils.data import ConcatDataset
 from torch_geometric.loader import DataLoader
@@ -29,15 +30,26 @@ from torch_geometric.loader import DataLoader
 from .. import _sevenn as S
 from .._sevenn import KEY
 from . import graphs as G
+from .cross_fidelity import CrossFidelityBatchSampler, CrossFidelityDataset
 from .databases import (
     DatabaseSpec,
     DataError,
+    frame_hash,
+    label_candidates,
     parse_databases,
     read_frames,
     validate_frames,
 )
 from .sampler import DatabaseSampler, ShardSampler
-from .statistics import GraphSummary, fill_statistics, summarize
+from .statistics import (
+    GraphSummary,
+    LabelCounts,
+    check_energy_outliers,
+    fill_statistics,
+    label_warnings,
+    leak_pairs,
+    summarize,
+)
 
 Log = Callable[[str], None]
 
@@ -50,6 +62,8 @@ class Database:
     spec: DatabaseSpec
     train: Any = field(default_factory=list)
     valid: Any = field(default_factory=list)
+    # labels of all its structures (training and validation)
+    labels: Optional[LabelCounts] = None
 
 
 @dataclass
@@ -76,6 +90,27 @@ class TrainingData:
                     else [summarize(g) for g in db.train]
                 )
         return out
+
+    def label_summary(self) -> str:
+        """Per database: structures, how many have an energy / forces /
+        stress label, and its elements (what training will learn from)."""
+        rows = ['labels (structures with energy / forces / stress):']
+        for db in self.databases:
+            c = db.labels
+            if c is None:
+                c = LabelCounts()
+                for part in (db.train, db.valid):
+                    c.add_summaries(
+                        part.summaries()
+                        if hasattr(part, 'summaries')
+                        else [summarize(g) for g in part]
+                    )
+            rows.append(
+                f'  {db.spec.name:<24} fidelity {db.spec.fidelity:<10} '
+                f'{c.structures:>6} structures: energy {c.energy}, forces '
+                f'{c.force}, stress {c.stress}; species {c.species}'
+            )
+        return '\n'.join(rows)
 
     def valid_sets(self) -> Dict[str, Any]:
         """Loader name -> graphs: all, per fidelity, per database."""
@@ -117,6 +152,13 @@ def prepare_data(
     config = copy.deepcopy(config)
     base_dir = config.get('_base_dir', os.getcwd())
     specs = parse_databases(config[S.DATABASES], base_dir)
+    for spec in specs:
+        if spec.role == 'test':
+            raise DataError(
+                f"database '{spec.name}' has role: test, which training never "
+                'reads (test data must stay out of training and model choice): '
+                'remove it and evaluate it with sevenn_mf evaluate'
+            )
     resolve_fidelities(config, specs)
     if config.get(S.STORAGE, 'memory') == 'lmdb':
         sources = _store_sources(config, specs, working_dir, log)
@@ -127,18 +169,30 @@ def prepare_data(
     data = TrainingData(config, databases)
     if not any(len(db.train) for db in databases):
         raise DataError('no training structures: every database is validation-only')
+    for line in label_warnings([(db.spec, db.labels) for db in databases]):
+        warnings.warn(line, stacklevel=2)
     fill_statistics(config, data, log)
     return data
 
 
 class _Source:
-    """The structures of one file set, and how to take a subset of them."""
+    """The structures of one file set, and how to take a subset of them;
+    ``hashes`` (structure identities), ``where`` (names structure i) and
+    ``labels`` (:class:`LabelCounts`) serve the checks across structures."""
 
     def __init__(
-        self, items: Any, take: Callable[[Any, Sequence[int]], Any]
+        self,
+        items: Any,
+        take: Callable[[Any, Sequence[int]], Any],
+        hashes: Sequence[int] = (),
+        where: Callable[[int], str] = str,
+        labels: Optional[LabelCounts] = None,
     ) -> None:
         self.items = items
         self.take = take
+        self.hashes = hashes
+        self.where = where
+        self.labels = labels or LabelCounts()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -152,13 +206,16 @@ def _split(
 ) -> Database:
     """Training / validation parts of a database: role ``valid``, a separate
     validation file set, a random ratio, or none."""
-    db = Database(spec)
+    db = Database(spec, labels=copy.deepcopy(main.labels))
     everything = range(len(main))
+    if valid is not None:
+        db.labels.merge(valid.labels)
     if getattr(spec, 'role', 'train') == 'valid':
         db.valid = main.subset(everything)
     elif valid is not None:
         db.train = main.subset(everything)
         db.valid = valid.subset(range(len(valid)))
+        _warn_leaks(spec, main, everything, valid, range(len(valid)))
     elif spec.validation and spec.validation.get('ratio'):
         tr, va = G.split_validation(
             everything,
@@ -166,9 +223,42 @@ def _split(
             int(spec.validation.get('seed', seed)),
         )
         db.train, db.valid = main.subset(tr), main.subset(va)
+        _warn_leaks(spec, main, tr, main, va)
     else:
         db.train = main.subset(everything)
     return db
+
+
+_LEAKS_SHOWN = 3
+
+
+def _warn_leaks(
+    spec: DatabaseSpec,
+    train: _Source,
+    tr: Sequence[int],
+    valid: _Source,
+    va: Sequence[int],
+) -> None:
+    """Validation structures identical to training ones make the validation
+    loss (and so the best checkpoint) partly a training loss: report them."""
+    if not len(train.hashes) or not len(valid.hashes) or not len(va):
+        return
+    tr, va = list(tr), list(va)
+    pairs = leak_pairs([train.hashes[i] for i in tr], [valid.hashes[i] for i in va])
+    if not pairs:
+        return
+    shown = '; '.join(
+        f'{valid.where(va[v])} = {train.where(tr[t])}'
+        for v, t in pairs[:_LEAKS_SHOWN]
+    )
+    more = len(pairs) - _LEAKS_SHOWN
+    warnings.warn(
+        f"database '{spec.name}': {len(pairs)} of its {len(va)} validation "
+        'structures are identical to training structures, so the validation '
+        f'loss and best checkpoint partly measure training data: {shown}'
+        + (f' and {more} more' if more > 0 else ''),
+        stacklevel=3,
+    )
 
 
 def _validation_spec(spec: DatabaseSpec) -> Optional[DatabaseSpec]:
@@ -203,6 +293,14 @@ def _memory_sources(
     for part in (frames, vframes):
         for fs in part.values():
             validate_frames(fs, species=known)
+    for spec in specs:
+        fs = frames[spec.name] + vframes.get(spec.name, [])
+        check_energy_outliers(
+            spec,
+            [f.numbers for f in fs],
+            [f.energy for f in fs],
+            lambda i, fs=fs: fs[i].where,
+        )
     if auto:
         numbers = {
             int(z)
@@ -223,13 +321,25 @@ def _memory_sources(
             fs, cutoff, spec.fidelity, spec.weight, cache_dir=cache_dir, desc=desc
         )
 
+    def source(spec, fs, desc):
+        labels = LabelCounts()
+        for f in fs:
+            p = f.present
+            labels.add(
+                f.numbers, p['energy'], p['force'], p['stress'], label_candidates(f)
+            )
+        where = [f.where for f in fs]
+        hashes = [frame_hash(f) for f in fs]
+        return _Source(
+            graphs(spec, fs, desc), _pick, hashes, where.__getitem__, labels
+        )
+
     sources = {}
     for spec in specs:
-        main = _Source(graphs(spec, frames[spec.name], spec.name), _pick)
+        main = source(spec, frames[spec.name], spec.name)
         valid = None
         if spec.name in vframes:
-            desc = f'{spec.name} (validation)'
-            valid = _Source(graphs(spec, vframes[spec.name], desc), _pick)
+            valid = source(spec, vframes[spec.name], f'{spec.name} (validation)')
         sources[spec.name] = (main, valid)
     return sources
 
@@ -275,6 +385,11 @@ def _store_sources(
                     f'which the model does not know (species: {allowed})'
                 )
 
+    def source(store, take):
+        labels = LabelCounts(**store.label_counts(), elements=set(store.elements))
+        labels.add_candidates(store.label_candidates)
+        return _Source(store, take, store.hashes(), store.where, labels)
+
     sources = {}
     for spec in specs:
 
@@ -282,9 +397,19 @@ def _store_sources(
             return StoreSubset(store, idx, spec.fidelity, spec.weight)
 
         main, valid = stores[spec.name]
+        parts = [st for st in (main, valid) if st is not None]
+        summaries = [s for st in parts for s in st.summaries()]
+        check_energy_outliers(
+            spec,
+            [s.numbers for s in summaries],
+            [s.energy for s in summaries],
+            lambda i, main=main, valid=valid: (
+                main.where(i) if i < len(main) else valid.where(i - len(main))
+            ),
+        )
         sources[spec.name] = (
-            _Source(main, take),
-            _Source(valid, take) if valid is not None else None,
+            source(main, take),
+            source(valid, take) if valid is not None else None,
         )
     return sources
 
@@ -319,12 +444,24 @@ def resolve_fidelities(
 
 # ---- loaders -----------------------------------------------------------------
 class NamedLoader:
-    """A DataLoader that knows its name (per-fidelity metrics need it)."""
+    """A DataLoader that knows its name (per-fidelity metrics need it), its
+    epoch sampler and its batch size (also when batches come from a batch
+    sampler)."""
 
-    def __init__(self, name: str, loader: DataLoader) -> None:
+    def __init__(self, name: str, loader: DataLoader, sampler=None, batch_size=None):
         self.name = name
         self.loader = loader
-        self.sampler = loader.sampler
+        self.sampler = sampler if sampler is not None else loader.sampler
+        self.batch_size = batch_size or loader.batch_size
+        self._epoch_setters = [
+            s
+            for s in (self.sampler, getattr(loader, 'batch_sampler', None))
+            if hasattr(s, 'set_epoch')
+        ]
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self._epoch_setters:
+            s.set_epoch(epoch)
 
     def __iter__(self):
         return iter(self.loader)
@@ -334,16 +471,25 @@ class NamedLoader:
 
 
 def make_loaders(
-    data: TrainingData, config: Dict[str, Any], rank: int = 0, world_size: int = 1
+    data: TrainingData,
+    config: Dict[str, Any],
+    rank: int = 0,
+    world_size: int = 1,
+    copies: Optional[Tuple[List[str], Dict[str, List[int]], float]] = None,
 ) -> Dict[str, NamedLoader]:
+    """The training loader and the validation loaders. ``copies`` =
+    (target fidelities, {source fidelity: target numbers}, fraction of
+    batches): training batches also carry unlabelled copies of structures at
+    other fidelities (:mod:`sevenn_mf.data.cross_fidelity`)."""
     batch = int(config[KEY.BATCH_SIZE])
     sampling = dict(config.get(S.SAMPLING) or {})
     train_dbs = [db for db in data.databases if len(db.train)]
+    seed = int(config.get(KEY.RANDOM_SEED, 1))
     sampler = DatabaseSampler(
         [len(db.train) for db in train_dbs],
         mode=sampling.pop('mode', 'proportional'),
         names=[db.spec.name for db in train_dbs],
-        seed=int(config.get(KEY.RANDOM_SEED, 1)),
+        seed=seed,
         shuffle=bool(config.get(KEY.TRAIN_SHUFFLE, True)),
         num_replicas=world_size,
         rank=rank,
@@ -354,11 +500,20 @@ def make_loaders(
     workers = int(config.get(KEY.NUM_WORKERS, 0) or 0)
     if workers > 0:  # e.g. with data.storage: lmdb, workers read the store
         extra = {'num_workers': workers, 'persistent_workers': True}
-    loaders = {
-        'trainset': NamedLoader(
-            'trainset', DataLoader(train, batch_size=batch, sampler=sampler, **extra)
+    if copies is None:
+        loader = DataLoader(train, batch_size=batch, sampler=sampler, **extra)
+    else:
+        targets, copies_of, fraction = copies
+        fidelity_of = [
+            db.spec.fidelity for db in train_dbs for _ in range(len(db.train))
+        ]
+        batches = CrossFidelityBatchSampler(
+            sampler, batch, fidelity_of, copies_of, fraction, seed
         )
-    }
+        loader = DataLoader(
+            CrossFidelityDataset(train, targets), batch_sampler=batches, **extra
+        )
+    loaders = {'trainset': NamedLoader('trainset', loader, sampler, batch)}
     for name, graphs in data.valid_sets().items():
         # under DDP each rank evaluates a disjoint shard; the errors are all-reduced
         shard = (

@@ -98,7 +98,8 @@ def _build(frames: List[Frame], cutoff: float, desc: str, num_workers: int):
                 f'{frame.where}: pre-built graph has cutoff {frame.cutoff}, '
                 f'not {cutoff}; rebuild it from the structures'
             )
-    atoms = [f.atoms for f in frames if f.graph is None]
+    todo = [f for f in frames if f.graph is None]
+    atoms = [f.atoms for f in todo]
     bar = dict(total=len(atoms), desc=desc, disable=None)
     if num_workers > 1 and len(atoms) > 1:
         chunk = max(1, len(atoms) // (4 * num_workers))
@@ -106,7 +107,7 @@ def _build(frames: List[Frame], cutoff: float, desc: str, num_workers: int):
             dicts = list(
                 tqdm(
                     pool.map(
-                        atoms_to_graph_dict,
+                        _graph_dict_or_error,
                         atoms,
                         [cutoff] * len(atoms),
                         chunksize=chunk,
@@ -115,9 +116,19 @@ def _build(frames: List[Frame], cutoff: float, desc: str, num_workers: int):
                 )
             )
     else:
-        dicts = [atoms_to_graph_dict(a, cutoff) for a in tqdm(atoms, **bar)]
+        dicts = [_graph_dict_or_error(a, cutoff) for a in tqdm(atoms, **bar)]
+    for frame, d in zip(todo, dicts):
+        if isinstance(d, str):  # the checks before should have caught it
+            raise DataError(f'{frame.where}: cannot build a graph ({d})')
     built = iter(AtomGraphData.from_numpy_dict(d) for d in dicts)
     return [next(built) if f.graph is None else f.graph.clone() for f in frames]
+
+
+def _graph_dict_or_error(atoms, cutoff: float) -> Union[dict, str]:
+    try:
+        return atoms_to_graph_dict(atoms, cutoff)
+    except Exception as e:
+        return f'{type(e).__name__}: {e}'
 
 
 def atoms_to_graph_dict(atoms, cutoff: float) -> dict:

@@ -9,7 +9,7 @@ forces do not depend on the energy zero.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, Iterable, List, Sequence, Union
+from typing import Any, Dict, Iterable, List, Sequence, Tuple, Union
 
 import numpy as np
 from ase.data import atomic_numbers, chemical_symbols
@@ -17,6 +17,12 @@ from ase.data import atomic_numbers, chemical_symbols
 from .._sevenn import CONST, KEY
 
 _NULL_TOL = 1e-8
+
+
+class UndeterminedReferences(UserWarning):
+    """A rank-deficient reference fit: normal for a fixed stoichiometry
+    (ethanol; InGaN with N = Ga + In), so the CLI writes it as an info line
+    in the training log instead of a warning on the terminal."""
 
 
 def _symbol(s: Union[str, int]) -> str:
@@ -97,6 +103,7 @@ def _warn_undetermined(a: np.ndarray, rank: int, symbols: List[str]) -> None:
         f'by the data (composition rank {rank} < {len(symbols)} elements): using '
         'the minimum-norm least-squares solution; only the compositions present '
         'in the data are fitted',
+        UndeterminedReferences,
         stacklevel=3,
     )
 
@@ -120,3 +127,74 @@ def as_univ_list(refs: Dict[str, float]) -> List[float]:
     for s, v in refs.items():
         out[atomic_numbers[_symbol(s)]] = float(v)
     return out
+
+
+# ---- energy outliers ---------------------------------------------------------
+OUTLIER_FLOOR = 10.0  # eV/atom: no threshold is tighter than this by default
+OUTLIER_K = 10.0  # robust standard deviations (1.4826 MAD) beyond the median
+_IRLS_STEPS = 60
+_IRLS_DELTA = 1e-4  # eV/atom: |residual| below which IRLS weights stop growing
+
+
+def energy_outliers(
+    numbers: Sequence[Any],
+    energies: Sequence[float],
+    floor: float = OUTLIER_FLOOR,
+    k: float = OUTLIER_K,
+) -> Tuple[np.ndarray, np.ndarray, float]:
+    """Structures whose energy per atom is far from the data's own element
+    reference fit: ``(indices, residuals in eV/atom, threshold)``.
+
+    The fit minimises the sum of absolute per-atom residuals (IRLS, over
+    unique compositions weighted by their count, each at its median energy
+    per atom), so a few wild labels cannot drag it as they drag least squares
+    (one energy of 1e10 eV moves a least-squares reference by ~1e8 eV).
+    A structure is flagged when its residual is further than ``max(floor, k *
+    1.4826 * MAD)`` from the median residual. Structures without a finite
+    energy are never flagged. An element that only flagged structures
+    contain is fitted through them: such a label cannot be told from its own
+    reference and is not flagged.
+    """
+    energies = np.asarray(energies, dtype=float)
+    keep = np.flatnonzero(np.isfinite(energies))
+    if len(keep) < 3:
+        return np.zeros(0, dtype=int), np.zeros(0), float(floor)
+    parts = [np.asarray(numbers[i], dtype=np.int64).reshape(-1) for i in keep]
+    flat = np.concatenate(parts)
+    zs, cols = np.unique(flat, return_inverse=True)
+    rows = np.repeat(np.arange(len(keep)), [len(p) for p in parts])
+    counts = np.bincount(
+        rows * len(zs) + cols.reshape(-1), minlength=len(keep) * len(zs)
+    ).reshape(len(keep), len(zs))
+    n_atoms = counts.sum(axis=1)
+    x = counts / n_atoms[:, None]
+    e = energies[keep] / n_atoms
+    comps, group = np.unique(counts, axis=0, return_inverse=True)
+    comps = comps / comps.sum(axis=1, keepdims=True)
+    group = group.reshape(-1)
+    size = np.bincount(group)
+    # median energy per atom of each composition, vectorised
+    v = e[np.lexsort((e, group))]
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    median = 0.5 * (v[start + (size - 1) // 2] + v[start + size // 2])
+    coef = _weighted_fit(comps, median, size.astype(float))
+    for _ in range(_IRLS_STEPS):
+        r = np.abs(median - comps @ coef)
+        new = _weighted_fit(comps, median, size / np.maximum(r, _IRLS_DELTA))
+        done = np.allclose(new, coef, rtol=1e-9, atol=1e-9)
+        coef = new
+        if done:
+            break
+    residual = e - x @ coef
+    center = np.median(residual)
+    mad = 1.4826 * np.median(np.abs(residual - center))
+    threshold = max(float(floor), float(k) * float(mad))
+    bad = np.flatnonzero(np.abs(residual - center) > threshold)
+    return keep[bad], residual[bad], threshold
+
+
+def _weighted_fit(a: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """argmin sum w (y - a c)^2 through the normal equations (few columns,
+    many rows); minimum norm where the compositions leave it open."""
+    aw = a * w[:, None]
+    return np.linalg.lstsq(aw.T @ a, aw.T @ y, rcond=None)[0]

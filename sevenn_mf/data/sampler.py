@@ -23,6 +23,103 @@ import torch
 from torch.utils.data import Sampler
 
 MODES = ('proportional', 'temperature', 'explicit')
+# the keys of ``data.sampling`` (mode + DatabaseSampler's options)
+SAMPLING_KEYS = ('mode', 'temperature', 'ratios', 'epoch_length')
+# which options each mode reads (any other one would be silently ignored)
+MODE_OPTIONS = {
+    'proportional': (),
+    'temperature': ('temperature', 'epoch_length'),
+    'explicit': ('ratios', 'epoch_length'),
+}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_temperature(t) -> float:
+    if not _is_number(t) or not math.isfinite(t) or t <= 0:
+        raise ValueError(
+            f'data.sampling.temperature must be a number > 0, got {t!r}'
+        )
+    return float(t)
+
+
+def check_epoch_length(n) -> int:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(
+            f'data.sampling.epoch_length must be a positive integer, got {n!r}'
+        )
+    return n
+
+
+def check_ratios(ratios, names: Optional[Sequence[str]]) -> Dict[str, float]:
+    """Explicit ratios: a mapping naming each (training) database once, every
+    ratio a finite number > 0 (a database not to draw from is left out of
+    the run, not given ratio 0)."""
+    if not ratios:
+        raise ValueError(
+            'data.sampling: explicit sampling needs ratios: {database: ratio}'
+        )
+    if not isinstance(ratios, dict):
+        raise ValueError(
+            f'data.sampling.ratios must be a mapping {{database: ratio}}, '
+            f'got {ratios!r}'
+        )
+    for k, v in ratios.items():
+        if not _is_number(v) or not math.isfinite(v) or v <= 0:
+            raise ValueError(
+                f'data.sampling.ratios.{k} must be a number > 0, got {v!r}'
+            )
+    if names is not None:
+        missing = set(names) - set(ratios)
+        extra = set(ratios) - set(names)
+        if missing or extra:
+            raise ValueError(
+                f'data.sampling.ratios: explicit ratios must name each '
+                'training database once '
+                f'(missing: {sorted(missing)}, unknown: {sorted(extra)}; '
+                f'databases: {", ".join(names)})'
+            )
+    return {str(k): float(v) for k, v in ratios.items()}
+
+
+def check_sampling(options, names: Optional[Sequence[str]] = None) -> None:
+    """The values of a ``data.sampling`` mapping (its keys are checked with
+    the other config keys, by :mod:`sevenn_mf.config`): ``names`` are the
+    training databases' names, when known. Raises ValueError naming the
+    option."""
+    if not isinstance(options, dict):
+        raise ValueError(f'data.sampling must be a mapping, got {options!r}')
+    mode = options.get('mode', 'proportional')
+    if mode not in MODES:
+        raise ValueError(
+            f'data.sampling: sampling mode must be one of {", ".join(MODES)}, '
+            f'got {mode!r}'
+        )
+    unused = sorted(
+        k
+        for k in options
+        if k in SAMPLING_KEYS and k != 'mode' and k not in MODE_OPTIONS[mode]
+    )
+    if unused:
+        reads = ', '.join(MODE_OPTIONS[mode]) or 'no other option'
+        raise ValueError(
+            f'data.sampling: {", ".join(unused)} does nothing in mode {mode} '
+            f'(it reads {reads}); '
+            + (
+                'epoch_length applies to temperature/explicit modes: '
+                'proportional sampling visits every structure once'
+                if 'epoch_length' in unused
+                else 'remove it or change the mode'
+            )
+        )
+    if 'temperature' in options:
+        check_temperature(options['temperature'])
+    if 'epoch_length' in options:
+        check_epoch_length(options['epoch_length'])
+    if mode == 'explicit':
+        check_ratios(options.get('ratios'), names)
 
 
 class DatabaseSampler(Sampler[int]):
@@ -57,6 +154,8 @@ class DatabaseSampler(Sampler[int]):
         for n in self.sizes[:-1]:
             self.offsets.append(self.offsets[-1] + n)
         total = sum(self.sizes)
+        if epoch_length is not None:
+            check_epoch_length(epoch_length)
         self.epoch_length = int(epoch_length or total)
         if mode == 'proportional' and epoch_length not in (None, total):
             raise ValueError(
@@ -64,18 +163,11 @@ class DatabaseSampler(Sampler[int]):
                 'epoch_length applies to temperature/explicit modes'
             )
         if mode == 'temperature':
+            temperature = check_temperature(temperature)
             w = [n ** (1.0 / temperature) for n in self.sizes]
         elif mode == 'explicit':
-            if not ratios:
-                raise ValueError('explicit sampling needs ratios: {database: ratio}')
-            missing = set(self.names) - set(ratios)
-            extra = set(ratios) - set(self.names)
-            if missing or extra:
-                raise ValueError(
-                    f'explicit ratios must name each database once '
-                    f'(missing: {sorted(missing)}, unknown: {sorted(extra)})'
-                )
-            w = [float(ratios[n]) for n in self.names]
+            ratios = check_ratios(ratios, self.names)
+            w = [ratios[n] for n in self.names]
         else:
             w = [float(n) for n in self.sizes]
         s = sum(w)

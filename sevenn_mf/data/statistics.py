@@ -7,18 +7,26 @@ atomic numbers, energy, sum of squared forces, counts), which in-memory graphs
 and the on-disk store (:mod:`sevenn_mf.data.store`) both provide, so the two
 storages give the same numbers from the same arithmetic without the store
 reading a single graph.
+
+Checks across a database's structures live here too: label counts and the
+warnings on missing labels, energy-per-atom outliers, validation structures
+identical to training ones.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Protocol, Sequence
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Protocol, Sequence
 
 import numpy as np
+from ase.data import chemical_symbols
 
 from .. import _sevenn as S
 from .._sevenn import KEY
-from .references import as_univ_list, fit_reference_energies
+from .databases import DatabaseSpec, DataError
+from .references import as_univ_list, energy_outliers, fit_reference_energies
 
 SHIFT_FIT = 'elemwise_reference_energies'
 
@@ -115,6 +123,7 @@ def fill_statistics(
                 'sevenn_mf fits per-fidelity element references: use '
                 f'shift: {SHIFT_FIT}, or give numbers'
             )
+        _warn_unfitted_elements(data, species, user_refs)
         refs = {}
         for fid in data.fidelities:
             graphs = data.summaries(fid)
@@ -138,7 +147,12 @@ def fill_statistics(
             raise ValueError("scale must be 'force_rms' or a number")
         total, count = force_sq_count(summaries)  # = force_rms(train graphs)
         if count == 0:
-            raise ValueError('no force labels: cannot compute a force scale')
+            raise DataError(
+                'no training structure has force labels: data.scale: force_rms '
+                'cannot be computed (give data.scale a number, or set reader: '
+                '{force_key: <name>} in a database whose files hold forces under '
+                'another name)'
+            )
         rms = float(np.sqrt(total / count))
         if not np.isfinite(rms) or rms <= 0:
             rms = 1.0
@@ -158,3 +172,181 @@ def fill_statistics(
     if config.get(KEY.IS_TRAIN_STRESS, True) and not has_stress:
         log('no training structure has a stress label: stress is not trained')
         config[KEY.IS_TRAIN_STRESS] = False
+
+
+def _warn_unfitted_elements(
+    data: SummarySource, species: List[str], user_refs: Dict[str, Any]
+) -> None:
+    """An element with energies at one fidelity but none at another gets a
+    reference it was never fitted to at the other: say so."""
+    seen: Dict[str, set] = {}
+    for fid in data.fidelities:
+        zs = [s.numbers for s in data.summaries(fid) if np.isfinite(s.energy)]
+        present = np.unique(np.concatenate(zs)) if zs else []
+        seen[fid] = {chemical_symbols[int(z)] for z in present}
+    for fid in data.fidelities:
+        if not seen[fid]:
+            continue  # no energies at all: fit_reference_energies says so
+        given = set(user_refs.get(fid) or {})
+        for el in species:
+            others = [f for f in data.fidelities if f != fid and el in seen[f]]
+            if el in seen[fid] or el in given or not others:
+                continue
+            warnings.warn(
+                f'element {el} is in the energy-labelled training structures of '
+                f"fidelity {', '.join(map(repr, others))} but not of '{fid}': its "
+                f"'{fid}' reference energy cannot be fitted and is 0.0 eV (set "
+                f'data.reference_energies: {{{fid}: {{{el}: <eV>}}}} to choose it)',
+                stacklevel=3,
+            )
+
+
+# ---- checks of a database's structures ------------------------------------------
+@dataclass
+class LabelCounts:
+    """How many structures of a database carry each label, its elements, and
+    keys of its files that look like an unread energy or forces label."""
+
+    structures: int = 0
+    energy: int = 0
+    force: int = 0
+    stress: int = 0
+    elements: set = field(default_factory=set)
+    candidates: Dict[str, List[str]] = field(
+        default_factory=lambda: {'energy': [], 'force': []}
+    )
+
+    def add(
+        self,
+        numbers: Iterable[int],
+        energy: bool,
+        force: bool,
+        stress: bool,
+        candidates: Optional[Dict[str, List[str]]] = None,
+    ) -> None:
+        self.structures += 1
+        self.energy += bool(energy)
+        self.force += bool(force)
+        self.stress += bool(stress)
+        self.elements.update(int(z) for z in np.unique(np.asarray(numbers)))
+        self.add_candidates(candidates)
+
+    def add_candidates(self, candidates: Optional[Dict[str, List[str]]]) -> None:
+        for label, keys in (candidates or {}).items():
+            known = self.candidates.setdefault(label, [])
+            known.extend(k for k in keys if k not in known)
+
+    def add_summaries(self, summaries: Iterable[GraphSummary]) -> None:
+        for s in summaries:
+            self.add(s.numbers, np.isfinite(s.energy), s.fcount > 0, s.stress_ok)
+
+    def merge(self, other: LabelCounts) -> None:
+        self.structures += other.structures
+        self.energy += other.energy
+        self.force += other.force
+        self.stress += other.stress
+        self.elements |= other.elements
+        self.add_candidates(other.candidates)
+
+    @property
+    def species(self) -> str:
+        return ' '.join(sorted(chemical_symbols[z] for z in self.elements))
+
+
+def _files_of(spec: DatabaseSpec) -> str:
+    more = len(spec.files) - 1
+    return spec.files[0] + (f' and {more} more file(s)' if more > 0 else '')
+
+
+def label_warnings(counts: Sequence[tuple]) -> List[str]:
+    """One line per database that has no energy or no force labels while
+    other databases of the run have them, or while its files hold a key that
+    looks like that label under another name. ``counts``: (spec,
+    :class:`LabelCounts`) per database."""
+    out = []
+    for label, name, key, other in (
+        ('force', 'force', 'force_key', 'energies'),
+        ('energy', 'energy', 'energy_key', 'forces'),
+    ):
+        having = [s.name for s, c in counts if getattr(c, label)]
+        for spec, c in counts:
+            if getattr(c, label) or not c.structures:
+                continue
+            others = [n for n in having if n != spec.name]
+            found = c.candidates.get(label) or []
+            if not others and not found:
+                continue
+            line = f"database '{spec.name}' ({_files_of(spec)}) has no {name} labels"
+            if others:
+                many = len(others) > 1
+                line += (
+                    f' (database{"s" if many else ""} '
+                    f'{", ".join(map(repr, others))} {"have" if many else "has"})'
+                )
+            line += f': it trains on {other} only'
+            if found:
+                line += (
+                    f'; its files hold {", ".join(map(repr, found))}, which looks like '
+                    f'{name} labels: set reader: {{{key}: {found[0]}}} in its entry'
+                )
+            else:
+                line += (
+                    f'; if its files hold them under another name, set reader: '
+                    f'{{{key}: <name>}} in its entry'
+                )
+            out.append(line)
+    return out
+
+
+def check_energy_outliers(
+    spec: DatabaseSpec,
+    numbers: Sequence[Any],
+    energies: Sequence[float],
+    where: Callable[[int], str],
+) -> None:
+    """Refuse a database whose energies per atom include outliers of its own
+    element reference fit (:func:`~sevenn_mf.data.references.energy_outliers`)
+    unless its entry allows them; ``where(i)`` names structure ``i``."""
+    if spec.allow_outliers:
+        return
+    idx, residual, threshold = energy_outliers(
+        numbers, energies, floor=spec.outlier_threshold
+    )
+    if not len(idx):
+        return
+    order = np.argsort(-np.abs(residual))
+    i, r = int(idx[order[0]]), float(residual[order[0]])
+    n = len(np.asarray(numbers[i]).reshape(-1))
+    e = float(energies[i])
+    msg = (
+        f'{where(i)}: energy {e:.6g} eV ({e / n:.6g} eV/atom) is {abs(r):.3g} '
+        f'eV/atom {"above" if r > 0 else "below"} the element-reference fit of '
+        f"database '{spec.name}' (outlier threshold {threshold:.3g} eV/atom): a "
+        'wrong label or unit?'
+    )
+    if len(idx) > 1:
+        shown = ', '.join(where(int(idx[j])) for j in order[1:4])
+        rest = len(idx) - 1 - min(3, len(idx) - 1)
+        msg += (
+            f' {len(idx) - 1} more such structure(s): {shown}'
+            + (f' and {rest} more' if rest else '')
+            + ';'
+        )
+    msg += (
+        " set allow_outliers: true (or a larger outlier_threshold) in the database's "
+        'entry to train on them'
+    )
+    raise DataError(msg)
+
+
+def leak_pairs(
+    train_hashes: Sequence[int], valid_hashes: Sequence[int]
+) -> List[tuple]:
+    """(validation position, training position) of validation structures
+    identical to a training structure (first match)."""
+    first: Dict[int, int] = {}
+    for k, h in enumerate(train_hashes):
+        first.setdefault(int(h), k)
+    return [
+        (k, first[int(h)]) for k, h in enumerate(valid_hashes) if int(h) in first
+    ]

@@ -57,15 +57,18 @@ from .databases import (
     DataError,
     Frame,
     file_digest,
+    frame_hash,
     frame_problems,
+    label_candidates,
     label_frame,
+    read_error,
     read_file,
 )
 from .graphs import atoms_to_graph_dict, normalize_weight
 from .statistics import GraphSummary, summarize, summary_of
 
 # Bump when the stored value layout or the metadata changes.
-STORE_FORMAT_VERSION = 1
+STORE_FORMAT_VERSION = 2  # 2: structure hashes, label key candidates
 CHUNK = 512  # frames per worker round trip and per write transaction
 DEFAULT_MAX_MAPPED_BYTES = 64 << 20
 _META, _SUMMARY = b'__meta__', b'__summary__'
@@ -92,6 +95,7 @@ class _SummaryColumns:
     def __init__(self) -> None:
         self.z = array('h')
         self.offsets = array('q', [0])
+        self.hash = array('q')
         self.cols = {
             k: array(t)
             for k, t in (
@@ -104,7 +108,8 @@ class _SummaryColumns:
             )
         }
 
-    def add(self, s: GraphSummary) -> None:
+    def add(self, s: GraphSummary, structure_hash: int) -> None:
+        self.hash.append(structure_hash)
         self.z.extend(int(v) for v in s.numbers)
         self.offsets.append(len(self.z))
         for k, col in self.cols.items():
@@ -114,6 +119,7 @@ class _SummaryColumns:
         out = {
             'z': np.frombuffer(self.z, dtype=np.int16).copy(),
             'offsets': np.frombuffer(self.offsets, dtype=np.int64).copy(),
+            'hash': np.frombuffer(self.hash, dtype=np.int64).copy(),
         }
         for k, col in self.cols.items():
             out[k] = np.array(col)
@@ -166,13 +172,7 @@ def iter_frames(spec: DatabaseSpec) -> Iterator[Frame]:
             except StopIteration:
                 break
             except Exception as e:
-                kind = type(e).__name__
-                if n == 0 and kind == 'UnknownFileTypeError':
-                    raise DataError(f'{path}: cannot be read ({kind}: {e})') from e
-                raise DataError(
-                    f'{path}, frame {n}: cannot be read, the file may be '
-                    f'truncated or malformed ({kind}: {e})'
-                ) from e
+                raise read_error(path, n, e, rk.get('format')) from e
             yield label_frame(atoms, path, n, keys, kwargs)
             n += 1
         if n == 0:
@@ -196,10 +196,11 @@ def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _process(frame: Frame, cutoff: float):
-    """Worker: (problems, pickled value, summary) of one frame."""
+    """Worker: (problems, pickled value, summary, structure hash) of one
+    frame."""
     problems = list(frame_problems(frame, None, _MIN_DISTANCE))
     if problems:
-        return problems, None, None
+        return problems, None, None, None
     info = {'file': frame.file, 'frame': int(frame.index)}
     try:
         if frame.graph is not None:
@@ -209,6 +210,7 @@ def _process(frame: Frame, cutoff: float):
                         f'{frame.where}: pre-built graph has cutoff {frame.cutoff}, '
                         f'not {cutoff}; rebuild it from the structures'
                     ],
+                    None,
                     None,
                     None,
                 )
@@ -236,18 +238,18 @@ def _process(frame: Frame, cutoff: float):
             [f'{frame.where}: cannot build a graph ({type(e).__name__}: {e})'],
             None,
             None,
+            None,
         )
-    return [], pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL), summary
+    blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return [], blob, summary, frame_hash(frame)
 
 
 def _raise_problems(problems: List[str], total: int) -> None:
     if total == 1:
         raise DataError(problems[0])
     more = total - len(problems)
-    tail = [f'... and {more} more'] if more else []
-    raise DataError(
-        f'{total} problems in the data:\n  ' + '\n  '.join(problems + tail)
-    )
+    tail = [f'and {more} more'] if more else []
+    raise DataError(f'{total} problems in the data: ' + '; '.join(problems + tail))
 
 
 def _put(env, start: int, values: List[bytes]) -> None:
@@ -290,6 +292,7 @@ def build_store(
     n_problems = n = 0
     columns = _SummaryColumns()
     first_seen: Dict[int, str] = {}
+    candidates: Dict[str, List[str]] = {}
     bar = tqdm(desc=f'{spec.name}: graphs', unit=' structures', disable=None)
     try:
         frames = iter_frames(spec)
@@ -305,13 +308,16 @@ def build_store(
             else:
                 results = (_process(f, cutoff) for f in chunk)
             values = []
-            for frame, (probs, value, summary) in zip(chunk, results):
+            for frame, (probs, value, summary, h) in zip(chunk, results):
                 if probs:
                     n_problems += len(probs)
                     problems.extend(probs[: _MAX_REPORTED - len(problems)])
                     continue
                 values.append(value)
-                columns.add(summary)
+                columns.add(summary, h)
+                for label, keys in label_candidates(frame).items():
+                    known = candidates.setdefault(label, [])
+                    known.extend(k for k in keys if k not in known)
                 for z in set(int(v) for v in summary.numbers):
                     first_seen.setdefault(z, frame.where)
             if not n_problems:
@@ -330,6 +336,7 @@ def build_store(
             'sevenn': sevenn.__version__,
             'elements': sorted(first_seen),
             'first_seen': first_seen,
+            'label_candidates': candidates,
         }
         summary_blob = pickle.dumps(
             columns.to_arrays(), protocol=pickle.HIGHEST_PROTOCOL
@@ -516,6 +523,32 @@ class GraphStore:
         if kind == 'n':
             return AtomGraphData.from_numpy_dict(d)
         return AtomGraphData(**d)
+
+    def hashes(self, indices: Optional[Sequence[int]] = None) -> np.ndarray:
+        """Structure identities (:func:`~sevenn_mf.data.databases.frame_hash`)."""
+        h = self._summary['hash']
+        return h if indices is None else h[np.asarray(indices, dtype=np.int64)]
+
+    def where(self, i: int) -> str:
+        """'file, frame k' of graph ``i`` (read from the graph's data_info)."""
+        with _ENVS.get(self.path, self.max_mapped_bytes).begin() as txn:
+            _, d = pickle.loads(txn.get(_key(int(i))))
+        info = d[KEY.INFO]
+        return f'{info["file"]}, frame {info["frame"]}'
+
+    def label_counts(self) -> Dict[str, int]:
+        """Structures, and how many have an energy / force / stress label."""
+        s = self._summary
+        return {
+            'structures': len(self),
+            'energy': int(np.isfinite(s['energy']).sum()),
+            'force': int((s['fcount'] > 0).sum()),
+            'stress': int(np.asarray(s['stress_ok'], dtype=bool).sum()),
+        }
+
+    @property
+    def label_candidates(self) -> Dict[str, List[str]]:
+        return dict(self.meta.get('label_candidates') or {})
 
     def summaries(
         self, indices: Optional[Sequence[int]] = None

@@ -1,0 +1,364 @@
+"""Coupled fidelity heads: training penalties that tie every fidelity head to
+an *anchor* head (usually the plentiful low-fidelity one) where only the
+anchor has labels.
+
+Without them, nothing in the loss constrains what a high-fidelity (HF) head
+does on structures that only low-fidelity (LF) data covers, and its
+fidelity-dependent parameters drift there: a bias exactly in the region
+multi-fidelity training exists for. Two kinds of coupling, as ``train.coupling``
+options (weights are multipliers of the same criterion as sevenn's own loss
+terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
+
+* **function space** (``energy``, ``force``, ``stress``): on a ``fraction`` of
+  the training batches, the anchor-fidelity structures are also evaluated at
+  each coupled head, in the same forward pass (unlabelled copies in the batch,
+  :mod:`sevenn_mf.data.cross_fidelity`). Penalised is the part of the
+  head - anchor difference that is not smooth: the spread within the batch of
+  the per-atom energy gap (net of the two fidelities' element references:
+  :func:`sevenn_mf.gap.net_atomic_energy`), and the size of the force (and,
+  for structures with an anchor stress label, stress) difference. The anchor's
+  predictions are the target (no gradient flows into the anchor head through
+  the penalty), so a structure labelled at one fidelity teaches every head.
+* **parameter space** (``parameter``, a number or ``{fidelity: number}``): an
+  L2 penalty, the mean over entries, on the fidelity-dependent parameters'
+  deviation from the anchor's: ``indexed`` layers ΔW_f - ΔW_a and Δb_f - Δb_a;
+  ``onehot`` layers the fidelity's one-hot weight columns minus the anchor's.
+
+The per-fidelity energy references never enter a penalty. Folding, deploy and
+export are unchanged: coupling only changes what is learned.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ._sevenn import KEY
+from .data.cross_fidelity import pairs_in_batch
+from .gap import net_atomic_energy
+from .model import fidelity_layers
+from .nn.fidelity_linear import instruction_map
+
+COUPLING = 'coupling'  # train-section key
+FUNCTION_WEIGHTS = ('energy', 'force', 'stress')
+KEYS = ('anchor', 'fidelities', 'parameter', 'energy', 'force', 'stress', 'fraction')
+# off unless asked for; the recommended recipe sets them in the templates
+DEFAULTS = {
+    'anchor': None,
+    'fidelities': None,
+    'parameter': 0.0,
+    'energy': 0.0,
+    'force': 0.0,
+    'stress': 0.0,
+    'fraction': 1.0,
+}
+_TO_KBAR = 1602.1766208  # eV/Å^3 -> kbar, as sevenn's stress loss
+
+
+class CouplingError(ValueError):
+    pass
+
+
+@dataclass
+class CouplingSettings:
+    anchor: str
+    fidelities: List[str]
+    parameter: Dict[str, float] = field(default_factory=dict)
+    energy: float = 0.0
+    force: float = 0.0
+    stress: float = 0.0
+    fraction: float = 1.0
+
+    @property
+    def function_space(self) -> bool:
+        return any(getattr(self, k) > 0 for k in FUNCTION_WEIGHTS)
+
+    @property
+    def parameter_space(self) -> bool:
+        return any(v > 0 for v in self.parameter.values())
+
+    @property
+    def active(self) -> bool:
+        return self.function_space or self.parameter_space
+
+    def describe(self) -> str:
+        parts = []
+        if self.function_space:
+            parts.append(
+                f'function space on {self.anchor} structures (energy {self.energy:g}, '
+                f'force {self.force:g}, stress {self.stress:g}; '
+                f'{self.fraction:g} of the batches)'
+            )
+        if self.parameter_space:
+            parts.append(
+                'parameter L2 '
+                + ', '.join(f'{f} {w:g}' for f, w in self.parameter.items() if w > 0)
+            )
+        return (
+            f'coupled heads {", ".join(self.fidelities)} -> anchor {self.anchor}: '
+            + '; '.join(parts)
+        )
+
+
+def _number(raw: Dict[str, Any], key: str, low: float = 0.0) -> float:
+    value = raw.get(key, DEFAULTS[key])
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise CouplingError(
+            f'train.coupling.{key} must be a number, got {raw.get(key)!r}'
+        ) from None
+    if not math.isfinite(value) or value < low:
+        raise CouplingError(
+            f'train.coupling.{key} must be >= {low:g}, got {value!r}'
+        )
+    return value
+
+
+def check_options(raw: Any, fidelities: Optional[Sequence[str]] = None) -> None:
+    """Validate ``train.coupling`` before any data is read (names against the
+    databases' fidelities when given)."""
+    settings_from(raw, list(fidelities) if fidelities else None, {}, check_only=True)
+
+
+def settings_from(
+    raw: Any,
+    fidelities: Optional[List[str]],
+    n_structures: Dict[str, int],
+    check_only: bool = False,
+) -> Optional[CouplingSettings]:
+    """The run's settings (None when no coupling is asked for).
+    ``n_structures``: training structures per fidelity (the default anchor
+    is the fidelity with the most)."""
+    if raw in (None, {}, False):
+        return None
+    if not isinstance(raw, dict):
+        raise CouplingError(f'train.coupling must be a mapping, got {raw!r}')
+    unknown = sorted(set(raw) - set(KEYS))
+    if unknown:
+        raise CouplingError(
+            f'train.coupling: unknown key(s) {unknown}; allowed: {", ".join(KEYS)}'
+        )
+    weights = {k: _number(raw, k) for k in FUNCTION_WEIGHTS}
+    fraction = _number(raw, 'fraction')
+    if not 0 < fraction <= 1:
+        raise CouplingError(
+            f'train.coupling.fraction must be in (0, 1], got {fraction}'
+        )
+    anchor = raw.get('anchor')
+    listed = raw.get('fidelities')
+    if listed is not None and (
+        not isinstance(listed, list) or not all(isinstance(f, str) for f in listed)
+    ):
+        raise CouplingError(
+            f'train.coupling.fidelities must be a list of names, got {listed!r}'
+        )
+    param_raw = raw.get('parameter', DEFAULTS['parameter'])
+    if isinstance(param_raw, dict):
+        for f in param_raw:
+            _number({'parameter': param_raw[f]}, 'parameter')
+    if fidelities is None:  # names cannot be checked yet
+        return None
+    if anchor is None:
+        if not n_structures:
+            if check_only:
+                anchor = fidelities[0]
+            else:
+                raise CouplingError('train.coupling: no training structures')
+        else:
+            anchor = max(fidelities, key=lambda f: n_structures.get(f, 0))
+    for name, what in [(anchor, 'anchor')] + [
+        (f, 'fidelities') for f in listed or []
+    ]:
+        if name not in fidelities:
+            raise CouplingError(
+                f"train.coupling.{what}: '{name}' is not a fidelity of this run "
+                f'({", ".join(fidelities)})'
+            )
+    coupled = [f for f in (listed or fidelities) if f != anchor]
+    if isinstance(param_raw, dict):
+        bad = sorted(set(param_raw) - set(coupled))
+        if bad:
+            raise CouplingError(
+                f'train.coupling.parameter names {bad}, which are not coupled '
+                f'fidelities ({", ".join(coupled)})'
+            )
+        parameter = {
+            f: _number({'parameter': param_raw[f]}, 'parameter')
+            if f in param_raw
+            else 0.0
+            for f in coupled
+        }
+    else:
+        value = _number(raw, 'parameter')
+        parameter = {f: value for f in coupled}
+    settings = CouplingSettings(
+        anchor, coupled, parameter, fraction=fraction, **weights
+    )
+    if not coupled and settings.active:
+        raise CouplingError(
+            f'train.coupling: no fidelity to couple to the anchor {anchor!r}'
+        )
+    return settings if settings.active else None
+
+
+# ---- the penalties -----------------------------------------------------------
+def _parameter_slices(model) -> List[Tuple[str, torch.nn.Parameter, Any]]:
+    """(layer name, parameter, how to take fidelity f's entries)."""
+    out = []
+    for name, layer in fidelity_layers(model).items():
+        if layer.is_onehot:
+            i_modal = len(layer.irreps_in)
+            spans = [
+                (off, n)
+                for (i_in, _), (off, n, _) in instruction_map(layer.linear).items()
+                if i_in == i_modal
+            ]
+            out.append(
+                (name, layer.linear.weight, ('onehot', layer.num_fidelities, spans))
+            )
+        else:
+            out.append((name, layer.delta_weight, ('rows',)))
+            out.append((name, layer.delta_bias, ('rows',)))
+    return out
+
+
+def _fidelity_entries(param: torch.Tensor, how, f: int) -> torch.Tensor:
+    if how[0] == 'rows':
+        return param[f].reshape(-1)
+    _, n_fid, spans = how
+    parts = [param[off : off + n].reshape(n_fid, -1)[f] for off, n in spans]
+    return torch.cat(parts) if parts else param.new_zeros(0)
+
+
+class CouplingLoss:
+    """A loss term in sevenn's sense (``trainer.loss_functions`` entries have
+    ``get_loss(batch, model)`` and ``name``): the coupling penalties of one
+    training batch. ``last`` holds the latest term values for the log."""
+
+    name = 'Coupling'
+    ignore_unlabeled = True
+
+    def __init__(
+        self, settings: CouplingSettings, config: Dict[str, Any], criterion
+    ):
+        self.settings = settings
+        self.criterion = criterion
+        modal = config[KEY.MODAL_MAP]
+        self.anchor = modal[settings.anchor]
+        self.targets = {modal[f]: f for f in settings.fidelities}
+        self.param_weight = {
+            modal[f]: w for f, w in settings.parameter.items() if w > 0
+        }
+        self.sums = {k: 0.0 for k in ('parameter',) + FUNCTION_WEIGHTS}
+        self.steps = 0
+
+    def _crit(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.mean(self.criterion(x, torch.zeros_like(x)))
+
+    def parameter_penalty(self, model) -> Optional[torch.Tensor]:
+        if not self.param_weight:
+            return None
+        total = None
+        for f, w in self.param_weight.items():
+            sq, n = 0.0, 0
+            for _, p, how in _parameter_slices(model):
+                d = (
+                    _fidelity_entries(p, how, f)
+                    - _fidelity_entries(p, how, self.anchor).detach()
+                )
+                sq = sq + (d * d).sum()
+                n += d.numel()
+            if n:
+                term = w * sq / n
+                total = term if total is None else total + term
+        return total
+
+    def function_penalty(self, batch, model) -> Dict[str, torch.Tensor]:
+        pairs = pairs_in_batch(batch)
+        if not pairs:
+            return {}
+        ptr = torch.cumsum(batch[KEY.NUM_ATOMS].reshape(-1), 0)
+        start = torch.cat([ptr.new_zeros(1), ptr[:-1]])
+        net = net_atomic_energy(batch, model)
+        modal = batch[KEY.MODAL_TYPE].reshape(-1)
+        terms: Dict[str, List[torch.Tensor]] = {k: [] for k in FUNCTION_WEIGHTS}
+        for f in self.targets:
+            sel = [
+                (c, o)
+                for c, o in pairs
+                if int(modal[c]) == f and int(modal[o]) == self.anchor
+            ]
+            if not sel:
+                continue
+            node_c = torch.cat([torch.arange(start[c], ptr[c]) for c, _ in sel])
+            node_o = torch.cat([torch.arange(start[o], ptr[o]) for _, o in sel])
+            owner = torch.cat(
+                [
+                    torch.full((int(ptr[c] - start[c]),), k)
+                    for k, (c, _) in enumerate(sel)
+                ]
+            )
+            n_atoms = torch.bincount(owner, minlength=len(sel)).to(net.dtype)
+            diff = net[node_c] - net[node_o].detach()
+            per_atom = torch.zeros(len(sel), dtype=net.dtype).index_add(
+                0, owner, diff
+            )
+            per_atom = per_atom / n_atoms
+            if self.settings.energy > 0 and len(sel) > 1:
+                terms['energy'].append(self._crit(per_atom - per_atom.mean()))
+            if self.settings.force > 0:
+                fd = (
+                    batch[KEY.PRED_FORCE][node_c]
+                    - batch[KEY.PRED_FORCE][node_o].detach()
+                )
+                terms['force'].append(self._crit(fd))
+            if self.settings.stress > 0:
+                stressed = [
+                    (c, o)
+                    for c, o in sel
+                    if bool(torch.isfinite(batch[KEY.STRESS][o]).all())
+                ]
+                if stressed:
+                    cs = torch.tensor([c for c, _ in stressed])
+                    os_ = torch.tensor([o for _, o in stressed])
+                    sd = (
+                        batch[KEY.PRED_STRESS][cs]
+                        - batch[KEY.PRED_STRESS][os_].detach()
+                    )
+                    terms['stress'].append(self._crit(sd * _TO_KBAR))
+        return {k: torch.stack(v).mean() for k, v in terms.items() if v}
+
+    def get_loss(self, batch, model=None) -> Optional[torch.Tensor]:
+        model = getattr(model, 'module', model)  # DDP
+        total = self.parameter_penalty(model)
+        if total is not None:
+            self.sums['parameter'] += float(total.detach())
+        for k, v in self.function_penalty(batch, model).items():
+            w = getattr(self.settings, k)
+            self.sums[k] += float(v.detach())
+            total = w * v if total is None else total + w * v
+        self.steps += 1
+        return total
+
+    def epoch_means(self) -> Dict[str, float]:
+        """Mean penalty values (before weights) over the steps since the last
+        call; resets."""
+        n = max(self.steps, 1)
+        out = {k: v / n for k, v in self.sums.items()}
+        self.sums = {k: 0.0 for k in self.sums}
+        self.steps = 0
+        return out
+
+
+def coupling_targets(
+    settings: CouplingSettings,
+) -> Tuple[List[str], Dict[str, List[int]]]:
+    """Target fidelities of the batch copies and, per source fidelity, which
+    copy numbers (1..K) its structures get (anchor structures, at each coupled
+    head)."""
+    targets = list(settings.fidelities)
+    return targets, {settings.anchor: list(range(1, len(targets) + 1))}

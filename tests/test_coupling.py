@@ -1,0 +1,456 @@
+"""Coupled fidelity heads (sevenn_mf.coupling) and the fidelity-gap monitor
+(sevenn_mf.gap): the penalties vanish when the heads agree, their gradients
+reach only the parameters they are meant to, batches with copies leave the
+data loss unchanged, coupling shrinks the gap where only low-fidelity data
+exists, and folding / export / deploy and the gap monitor stay exact."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from ase.io import read, write
+from conftest import QUICKSTART_DATA
+from helpers import FIDS, calc_results, small_config
+from torch_geometric.data import Batch
+
+from sevenn_mf._sevenn import KEY
+from sevenn_mf.config import config_from_dict
+from sevenn_mf.coupling import (
+    CouplingError,
+    CouplingLoss,
+    settings_from,
+)
+from sevenn_mf.data.cross_fidelity import (
+    CrossFidelityBatchSampler,
+    CrossFidelityDataset,
+    pairs_in_batch,
+)
+from sevenn_mf.data.databases import read_frames
+from sevenn_mf.data.graphs import build_graphs
+from sevenn_mf.data.sampler import DatabaseSampler
+from sevenn_mf.model import build_model, fidelity_layers
+from sevenn_mf.nn.fidelity_linear import instruction_map
+
+ANCHOR, HF = FIDS  # 'pbe', 'r2scan'
+
+
+def _huber(x, y):
+    return torch.nn.functional.huber_loss(x, y, delta=0.01, reduction='none')
+
+
+def _settings(**kw):
+    raw = dict({'anchor': ANCHOR}, **kw)
+    return settings_from(raw, FIDS, {ANCHOR: 10, HF: 2})
+
+
+def _equal_heads(model):
+    """Make every fidelity head compute the anchor's function."""
+    with torch.no_grad():
+        for layer in fidelity_layers(model).values():
+            if layer.is_onehot:
+                w = layer.linear.weight
+                i_modal = len(layer.irreps_in)
+                for (i_in, _), (off, n, _) in instruction_map(layer.linear).items():
+                    if i_in == i_modal:
+                        rows = w[off : off + n].view(layer.num_fidelities, -1)
+                        rows[1:] = rows[0]
+            else:
+                layer.delta_weight[1:] = layer.delta_weight[0]
+                layer.delta_bias[1:] = layer.delta_bias[0]
+
+
+def _perturb_hf_head(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in fidelity_layers(model).values():
+            if layer.is_onehot:
+                i_modal = len(layer.irreps_in)
+                for (i_in, _), (off, n, _) in instruction_map(layer.linear).items():
+                    if i_in == i_modal:
+                        rows = layer.linear.weight[off : off + n].view(
+                            layer.num_fidelities, -1
+                        )
+                        rows[1] += 0.5 * torch.randn(rows.shape[1], generator=g)
+            else:
+                layer.delta_weight[1] += 0.1 * torch.randn(
+                    layer.delta_weight.shape[1], generator=g
+                )
+                layer.delta_bias[1] += 0.1 * torch.randn(
+                    layer.delta_bias.shape[1], generator=g
+                )
+
+
+def _hf_masks(model):
+    """{parameter name: (anchor entries, HF entries)} boolean masks of the
+    fidelity-dependent entries, computed from the layer layout."""
+    out = {}
+    for name, layer in fidelity_layers(model).items():
+        if layer.is_onehot:
+            w = layer.linear.weight
+            masks = [torch.zeros(w.numel(), dtype=torch.bool) for _ in range(2)]
+            i_modal = len(layer.irreps_in)
+            for (i_in, _), (off, n, _) in instruction_map(layer.linear).items():
+                if i_in == i_modal:
+                    idx = torch.arange(off, off + n).view(layer.num_fidelities, -1)
+                    for f in range(2):
+                        masks[f][idx[f]] = True
+            out[f'{name}.linear.weight'] = tuple(m.view(w.shape) for m in masks)
+        else:
+            for p in ('delta_weight', 'delta_bias'):
+                t = getattr(layer, p)
+                m = [torch.zeros_like(t, dtype=torch.bool) for _ in range(2)]
+                m[0][0], m[1][1] = True, True
+                out[f'{name}.{p}'] = tuple(m)
+    return out
+
+
+@pytest.fixture(scope='module')
+def lf_graphs():
+    frames = read_frames(QUICKSTART_DATA / 'pbe.extxyz')[:6]
+    return build_graphs(frames, 4.5, ANCHOR, 1.0)
+
+
+def _batch_with_copies(graphs, n=4):
+    ds = CrossFidelityDataset(graphs, [HF])
+    return Batch.from_data_list(
+        [ds[i] for i in range(n)] + [ds[i + len(graphs)] for i in range(n)]
+    )
+
+
+def _forward_train(model, batch):
+    model.train()
+    model.set_is_batch_data(True)
+    return model(batch)
+
+
+@pytest.mark.parametrize('mode', ['onehot', 'indexed'])
+def test_penalties_vanish_when_heads_agree(mode, lf_graphs):
+    torch.manual_seed(0)
+    model = build_model(small_config(mode))
+    _equal_heads(model)
+    cfg = small_config(mode)
+    loss = CouplingLoss(_settings(energy=1, force=1, parameter=1), cfg, _huber)
+    out = _forward_train(model, _batch_with_copies(lf_graphs))
+    assert loss.parameter_penalty(model).item() == 0.0
+    terms = loss.function_penalty(out, model)
+    assert set(terms) == {'energy', 'force'}
+    # the two fidelities have different element references (-1 vs -2 eV):
+    # the energy term sees only what lies beyond them
+    assert terms['energy'].item() < 1e-10
+    assert terms['force'].item() < 1e-10
+
+    _perturb_hf_head(model)
+    out = _forward_train(model, _batch_with_copies(lf_graphs))
+    terms = loss.function_penalty(out, model)
+    assert loss.parameter_penalty(model).item() > 1e-4
+    assert terms['energy'].item() > 1e-6 and terms['force'].item() > 1e-6
+
+
+@pytest.mark.parametrize('mode', ['onehot', 'indexed'])
+def test_gradients_reach_only_the_coupled_head(mode, lf_graphs):
+    cfg = copy.deepcopy(small_config(mode))
+    cfg[KEY.TRAIN_SHIFT_SCALE] = True  # references trainable: must get nothing
+    torch.manual_seed(1)
+    model = build_model(cfg)
+    _perturb_hf_head(model, seed=2)
+    masks = _hf_masks(model)
+    loss = CouplingLoss(_settings(energy=1, force=1, parameter=1), cfg, _huber)
+
+    model.zero_grad()
+    loss.parameter_penalty(model).backward()
+    for name, p in model.named_parameters():
+        g = torch.zeros_like(p) if p.grad is None else p.grad
+        if name in masks:
+            anchor, hf = masks[name]
+            assert g[hf].abs().max() > 0, name
+            assert g[~hf].abs().max() == 0, name  # shared and anchor entries
+        else:
+            assert g.abs().max() == 0, name
+
+    model.zero_grad()
+    out = _forward_train(model, _batch_with_copies(lf_graphs))
+    terms = loss.function_penalty(out, model)
+    (terms['energy'] + terms['force']).backward()
+    grads = dict(model.named_parameters())
+    shift = grads['rescale_atomic_energy.shift']
+    assert shift.grad is None or shift.grad.abs().max() == 0  # references
+    for name, (anchor, hf) in masks.items():
+        g = grads[name].grad
+        assert g[hf].abs().max() > 0, name
+        assert g[anchor].abs().max() == 0, name  # the anchor is the target
+    shared = [
+        n
+        for n, p in model.named_parameters()
+        if n not in masks and 'rescale' not in n and p.grad is not None
+    ]
+    assert shared  # the HF head's shared path learns from it too
+
+
+def test_copies_change_no_data_loss(lf_graphs):
+    from sevenn.train.loss import get_loss_functions_from_config
+
+    cfg = small_config('indexed')
+    cfg.update({KEY.LOSS: 'huber', KEY.LOSS_PARAM: {'delta': 0.01}})
+    cfg[KEY.USE_WEIGHT] = True
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    _perturb_hf_head(model)
+    ds = CrossFidelityDataset(lf_graphs, [HF])
+    plain = Batch.from_data_list([ds[i] for i in range(4)])
+    with_copies = _batch_with_copies(lf_graphs)
+    assert pairs_in_batch(with_copies) == [(4, 0), (5, 1), (6, 2), (7, 3)]
+    assert pairs_in_batch(plain) == []
+    for loss_def, _ in get_loss_functions_from_config(cfg):
+        a = loss_def.get_loss(_forward_train(model, plain), model)
+        b = loss_def.get_loss(_forward_train(model, with_copies), model)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_batch_sampler_copies_anchor_structures_on_a_fraction_of_batches():
+    fids = [ANCHOR] * 30 + [HF] * 10
+    sampler = DatabaseSampler([30, 10], seed=4)
+    bs = CrossFidelityBatchSampler(sampler, 4, fids, {ANCHOR: [1]}, 0.5, seed=4)
+    bs.set_epoch(2)
+    batches = list(bs)
+    plain = [list(b) for b in _chunks(list(sampler), 4)]
+    assert [b[: len(p)] for b, p in zip(batches, plain)] == plain  # same order
+    coupled = 0
+    for b, p in zip(batches, plain):
+        extra = b[len(p) :]
+        if extra:
+            coupled += 1
+            assert extra == [i + 40 for i in p if i < 30]  # anchor ones only
+    assert 0.2 < coupled / len(batches) < 0.8
+    bs.set_epoch(2)
+    assert list(bs) == batches  # deterministic from (seed, epoch)
+    bs.set_epoch(3)
+    assert list(bs) != batches
+
+
+def _chunks(seq, n):
+    return [seq[i : i + n] for i in range(0, len(seq), n)]
+
+
+def test_settings_errors():
+    with pytest.raises(CouplingError, match='unknown key'):
+        settings_from({'enrgy': 1}, FIDS, {})
+    with pytest.raises(CouplingError, match="'hse' is not a fidelity"):
+        settings_from({'anchor': 'hse', 'energy': 1}, FIDS, {})
+    with pytest.raises(CouplingError, match='fraction'):
+        settings_from({'energy': 1, 'fraction': 0}, FIDS, {})
+    with pytest.raises(CouplingError, match='>= 0'):
+        settings_from({'force': -1}, FIDS, {})
+    assert settings_from({}, FIDS, {}) is None
+    assert settings_from({'energy': 0}, FIDS, {ANCHOR: 1}) is None  # all off
+    s = settings_from({'energy': 1}, FIDS, {ANCHOR: 3, HF: 9})
+    assert s.anchor == HF and s.fidelities == [ANCHOR]  # default: most data
+
+
+# ---- a small run from the shared data ----------------------------------------
+def _ingan_raw(tmp_path, shared, coupling):
+    """PBE at x = 0 ... 1, r2SCAN at x = 0 and 1 only (real GPAW data)."""
+    rng = np.random.default_rng(0)
+    lf = read(shared / 'ingan' / 'lf_train_pbe.extxyz', ':')
+    hf = read(shared / 'ingan' / 'hf_train_r2scan.extxyz', ':')
+    lf = [lf[i] for i in rng.permutation(len(lf))[:80]]
+    hf = [hf[i] for i in rng.permutation(len(hf))[:20]]
+    write(tmp_path / 'lf.extxyz', lf)
+    write(tmp_path / 'hf.extxyz', hf)
+    return {
+        'model': {
+            'chemical_species': 'auto',
+            'cutoff': 4.5,
+            'channel': 8,
+            'lmax': 1,
+            'num_convolution_layer': 2,
+            'is_parity': False,
+            'weight_nn_hidden_neurons': [16, 16],
+            'fidelity_layer_mode': 'indexed',
+        },
+        'train': {
+            'random_seed': 1,
+            'epoch': 12,
+            'per_epoch': 100,
+            'optimizer': 'adam',
+            'optim_param': {'lr': 0.01},
+            'scheduler': 'linearlr',
+            'scheduler_param': {
+                'start_factor': 1.0,
+                'end_factor': 0.2,
+                'total_iters': 12,
+            },
+            'loss': 'huber',
+            'loss_param': {'delta': 0.01},
+            'force_loss_weight': 1.0,
+            'stress_loss_weight': 0.01,
+            'best_fidelity': HF,
+            'device': 'cpu',
+            'coupling': coupling,
+        },
+        'data': {
+            'batch_size': 8,
+            'databases': [
+                {
+                    'name': 'lf',
+                    'fidelity': ANCHOR,
+                    'files': 'lf.extxyz',
+                    'validation': {'ratio': 0.2, 'seed': 1},
+                },
+                {
+                    'name': 'hf',
+                    'fidelity': HF,
+                    'files': 'hf.extxyz',
+                    'weight': {'energy': 5.0, 'force': 5.0},
+                    'validation': {'ratio': 0.2, 'seed': 1},
+                },
+            ],
+        },
+    }
+
+
+@pytest.fixture(scope='module')
+def ingan_runs(tmp_path_factory, shared_data):
+    from sevenn_mf.train import train
+
+    out = {}
+    for name, coupling in (
+        ('plain', {}),
+        (
+            'coupled',
+            {'anchor': ANCHOR, 'energy': 2.0, 'force': 1.0, 'parameter': 0.1},
+        ),
+    ):
+        d = tmp_path_factory.mktemp(name)
+        raw = _ingan_raw(d, shared_data, coupling)
+        config = config_from_dict(raw, str(d))
+        train(config, str(d / 'run'), screen=False)
+        out[name] = (config, d / 'run')
+    return out
+
+
+def _lf_only_cells(shared, n=12):
+    """PBE cells at x = 0.25, 0.5, 0.75: compositions no r2SCAN label has."""
+    frames = read_frames(shared / 'ingan' / 'lf_train_pbe.extxyz')
+    mid = [f for f in frames if 0.1 < f.atoms.info['x_In'] < 0.9]
+    return mid[1::5][:n]
+
+
+def test_coupling_shrinks_the_gap_where_only_lf_data_is(ingan_runs, shared_data):
+    from sevenn_mf.checkpoint import Checkpoint
+    from sevenn_mf.gap import head_gaps
+
+    frames = _lf_only_cells(shared_data)
+    result = {}
+    for name, (_, wd) in ingan_runs.items():
+        cp = Checkpoint(wd / 'checkpoint_last.pth')
+        graphs = build_graphs(frames, cp.cutoff, ANCHOR, 1.0)
+        gaps = head_gaps(cp.build_model(), cp.config, graphs, reference=HF)
+        result[name] = (gaps.energy[ANCHOR].std(), gaps.force[ANCHOR].mean())
+    (e_plain, f_plain), (e_cpl, f_cpl) = result['plain'], result['coupled']
+    assert e_cpl < 0.7 * e_plain, result
+    assert f_cpl < 0.7 * f_plain, result
+
+
+def test_coupled_model_folds_exports_and_deploys_exactly(ingan_runs, tmp_path):
+    import sevenn.util as sevenn_util
+
+    from sevenn_mf.analysis.delta import evaluate_deployed
+    from sevenn_mf.checkpoint import Checkpoint
+    from sevenn_mf.deploy import deploy, export
+    from sevenn_mf.model import fold
+
+    _, wd = ingan_runs['coupled']
+    cp = Checkpoint(wd / 'checkpoint_best.pth')
+    model = cp.build_model()
+    atoms = read(QUICKSTART_DATA / 'r2scan_test_x0.5.extxyz', 0)
+    for fid in FIDS:
+        e, f, _ = calc_results(model, atoms, fid)
+        plain, _ = fold(model, cp.config, fid)
+        e2, f2, _ = calc_results(plain, atoms, None)
+        assert e2 == pytest.approx(e, abs=1e-4)
+        np.testing.assert_allclose(f2, f, atol=1e-4)
+
+        out = export(cp, fid, tmp_path / f'plain_{fid}.pth')
+        sv = sevenn_util.load_checkpoint(out).build_model()
+        e3, f3, _ = calc_results(sv, atoms, None)
+        assert e3 == pytest.approx(e, abs=1e-4)
+        np.testing.assert_allclose(f3, f, atol=1e-4)
+
+        pt = deploy(cp, fid, output=str(tmp_path / f'{fid}.pt'))[0]
+        e4, f4 = evaluate_deployed(pt, atoms)
+        assert e4 == pytest.approx(e, abs=1e-3)
+        np.testing.assert_allclose(f4, f, atol=1e-3)
+
+
+def test_gap_monitor_equals_a_direct_computation(ingan_runs):
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.data.dataset import prepare_data
+    from sevenn_mf.metrics import FidelityMetrics
+
+    config, wd = ingan_runs['coupled']
+    rows = FidelityMetrics.read_csv(wd / 'metrics.csv')
+    last = max(int(r['epoch']) for r in rows)
+    rows = {r['set']: r for r in rows if int(r['epoch']) == last}
+    data = prepare_data(config, str(wd.parent / 'again'), log=lambda s: None)
+    calc = SevenNetMFCalculator(wd / 'checkpoint_last.pth', HF)
+    union_e, union_f = [], []
+    for name in (f'{ANCHOR}_validset', f'{HF}_validset'):
+        e, f = [], []
+        for g in data.valid_sets()[name]:
+            info = g[KEY.INFO]
+            atoms = read(info['file'], info['frame'])
+            atoms.calc = calc
+            atoms.get_potential_energy()
+            gap = calc.results['fidelity_gap'][ANCHOR]
+            e.append(gap['energy'])
+            f.append(gap['force'])
+        union_e += e
+        union_f += f
+        row = rows[name]
+        assert float(row[f'gap_{ANCHOR}_energy_mean']) == pytest.approx(
+            1000 * np.mean(e), abs=2e-3
+        )
+        assert float(row[f'gap_{ANCHOR}_energy_sd']) == pytest.approx(
+            1000 * np.std(e), abs=2e-3
+        )
+        assert float(row[f'gap_{ANCHOR}_force_mean']) == pytest.approx(
+            1000 * np.mean(f), abs=2e-2
+        )
+    row = rows['validset']
+    assert float(row[f'gap_{ANCHOR}_energy_sd']) == pytest.approx(
+        1000 * np.std(union_e), abs=2e-3
+    )
+    assert rows['trainset'][f'gap_{ANCHOR}_energy_mean'] == ''  # not monitored
+
+
+def test_calculator_flags_structures_outside_the_training_gap_range(ingan_runs):
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.checkpoint import Checkpoint
+
+    _, wd = ingan_runs['coupled']
+    cp = Checkpoint(wd / 'checkpoint_best.pth')
+    rng = cp.gap_range
+    assert rng['reference'] == HF and ANCHOR in rng['ranges']
+    r = rng['ranges'][ANCHOR]
+    assert r['energy_min'] <= r['energy_mean'] <= r['energy_max']
+    calc = SevenNetMFCalculator(cp, HF)
+    atoms = read(QUICKSTART_DATA / 'r2scan.extxyz', 0)
+    atoms.calc = calc
+    atoms.get_potential_energy()
+    gap = calc.results['fidelity_gap'][ANCHOR]
+    inside = r['energy_min'] <= gap['energy'] <= r['energy_max'] and (
+        gap['force'] <= r['force_max']
+    )
+    assert gap['outside'] is (not inside)
+    # squeeze the stored range: the same structure is now outside, with a warning
+    calc.gap_range.ranges[ANCHOR].update(energy_min=gap['energy'] + 1.0)
+    calc.n_outside = 0
+    atoms.rattle(0.001, seed=1)
+    with pytest.warns(UserWarning, match='outside the fidelity-gap range'):
+        atoms.get_potential_energy()
+    assert calc.results['fidelity_gap_outside'] is True and calc.n_outside == 1
+    plain = SevenNetMFCalculator(cp, HF, gap=False)
+    atoms.calc = plain
+    atoms.get_potential_energy()
+    assert 'fidelity_gap' not in plain.results
