@@ -149,6 +149,7 @@ class GapRange:
                 'energy_sd': float(e.std()),
                 'force_max': float(f.max()) if f.size else float('nan'),
                 'force_mean': float(f.mean()) if f.size else float('nan'),
+                'force_sd': float(f.std()) if f.size else float('nan'),
             }
         return cls(gaps.reference, ranges)
 
@@ -175,6 +176,18 @@ class GapRange:
         return bool(np.isfinite(force) and np.isfinite(r['force_max'])) and (
             force > r['force_max']
         )
+
+    def score(self, other: str, energy: float, force: float = float('nan')) -> float:
+        """How far a structure's gap lies from the training ones, in training
+        standard deviations: the larger of |energy gap - mean| / sd and
+        (force gap - mean) / sd (sds floored at 1 meV/atom and 1 meV/Å)."""
+        r = self.ranges[other]
+        z = abs(energy - r['energy_mean']) / max(r['energy_sd'], 1e-3)
+        if np.isfinite(force) and np.isfinite(r.get('force_mean', np.nan)):
+            sd = r.get('force_sd', np.nan)
+            sd = sd if np.isfinite(sd) else r['force_mean']
+            z = max(z, (force - r['force_mean']) / max(sd, 1e-3))
+        return float(z)
 
     def describe(self, other: str) -> str:
         r = self.ranges[other]

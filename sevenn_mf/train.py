@@ -269,7 +269,7 @@ class MFTrainer(Trainer):
         if self.early is None:
             return
         patience, min_delta = self.early
-        if self._epoch_best_candidate < self.best_value - min_delta:
+        if self._epoch_best_candidate < self.best_value * (1.0 - min_delta):
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
@@ -277,7 +277,7 @@ class MFTrainer(Trainer):
             self.stopped = True
             log.writeline(
                 f'early stopping: {self.best_loader} {self.best_metric} has not '
-                f'improved by more than {min_delta:g} for {patience} epochs'
+                f'improved by more than {100 * min_delta:g} % for {patience} epochs'
             )
 
     def _range_on_training(self) -> Optional[Dict[str, Any]]:
@@ -338,13 +338,17 @@ class _EarlyStop(Exception):
 def early_stopping_settings(
     config: Dict[str, Any], best_loader: Optional[str]
 ) -> Optional[Tuple[int, float]]:
-    """(patience, min_delta) of ``train.early_stopping`` (None: off)."""
+    """(patience, min_delta) of ``train.early_stopping`` (None: off): the run
+    stops after ``patience`` epochs in which the monitored validation loss
+    (the one that picks checkpoint_best.pth) did not fall below
+    ``(1 - min_delta)`` times its best value so far (``min_delta`` is a
+    relative improvement, default 0: any improvement counts)."""
     raw = config.get(S.EARLY_STOPPING) or {}
     if not raw:
         return None
     if not isinstance(raw, dict) or set(raw) - {'patience', 'min_delta'}:
         raise ValueError(
-            'train.early_stopping takes {patience: epochs, min_delta: loss}, '
+            'train.early_stopping takes {patience: epochs, min_delta: relative gain}, '
             f'got {raw!r}'
         )
     patience = raw.get('patience')
@@ -353,9 +357,10 @@ def early_stopping_settings(
             f'train.early_stopping.patience must be an integer >= 1, got {patience!r}'
         )
     min_delta = raw.get('min_delta', 0.0)
-    if not isinstance(min_delta, (int, float)) or min_delta < 0:
+    if not isinstance(min_delta, (int, float)) or not 0 <= min_delta < 1:
         raise ValueError(
-            f'train.early_stopping.min_delta must be a number >= 0, got {min_delta!r}'
+            'train.early_stopping.min_delta (a relative gain) must be in [0, 1), '
+            f'got {min_delta!r}'
         )
     if best_loader is None:
         raise ValueError(

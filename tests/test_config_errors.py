@@ -90,6 +90,14 @@ def _set(path, value):
     return apply
 
 
+def _both(*modifications):
+    def apply(raw):
+        for m in modifications:
+            m(raw)
+
+    return apply
+
+
 def _sampling(**kw):
     return _set(('data', 'sampling'), kw)
 
@@ -260,8 +268,11 @@ VALUE_CASES = [
     ),
     (
         'scheduler-without-its-argument',
-        _set(('train', 'scheduler_param'), {}),
-        ["train.scheduler_param: LinearLR needs"],
+        _both(
+            _set(('train', 'scheduler'), 'exponentiallr'),
+            _set(('train', 'scheduler_param'), {}),
+        ),
+        ["train.scheduler_param: ExponentialLR needs 'gamma'"],
     ),
     (
         'learning-rate-string',

@@ -129,12 +129,12 @@ def test_resume_refuses_a_changed_run(tmp_path, change, named):
 
 
 def test_early_stopping_ends_the_run_and_resume_keeps_it_ended(tmp_path):
-    raw = _raw(tmp_path, 40, early_stopping={'patience': 2, 'min_delta': 10.0})
+    raw = _raw(tmp_path, 40, early_stopping={'patience': 2, 'min_delta': 0.99})
     wd = tmp_path / 'run'
     train(_config(tmp_path, raw), str(wd), screen=False)
     epochs = sorted({int(r['epoch']) for r in _rows(wd)})
-    # min_delta 10 (a loss this model never gains): epoch 1 sets the best,
-    # epochs 2 and 3 do not improve on it by 10, so the run stops after 3
+    # min_delta 0.99 (a 100-fold drop, which this model never makes): epoch 1
+    # sets the best, epochs 2 and 3 do not beat it so, the run stops after 3
     assert epochs == [1, 2, 3]
     log = (wd / 'log.sevenn_mf').read_text()
     assert 'early stopping' in log and 'stopped early after epoch 3' in log

@@ -19,14 +19,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sevenn
+import torch
 from ase.io import read, write
 from conftest import QUICKSTART_DATA
 from lammps_utils import find_lmp, run_lammps, skip_reason, thermo_table
 from sevenn.calculator import SevenNetCalculator
 from sevenn.scripts.deploy import deploy as sevenn_deploy
-from sevenn.util import load_checkpoint
+from sevenn.util import load_checkpoint, pretrained_name_to_path
 
 import sevenn_mf  # noqa: F401  (hooks: sevenn then builds converted models)
+from sevenn_mf.checkpoint import save_checkpoint
 from sevenn_mf.cli import main
 
 LMP = find_lmp('serial')
@@ -43,6 +45,14 @@ SOURCES = {
 SPECIES = ['Ga', 'In', 'N']
 E_TOL = 1e-5  # eV/atom (float32 models)
 F_TOL = 1e-4  # eV/Å
+# config entries sevenn derives from an old version on loading
+# (patch_old_config): a written file with the new version must hold them
+OLD_VERSION_KEYS = (
+    'conv_denominator',
+    'train_denominator',
+    '_normalize_sph',
+    'cutoff_function',
+)
 
 
 @pytest.fixture(scope='module')
@@ -188,9 +198,33 @@ def test_export_read_by_sevenn(key, exported, reference, cell):
     # converts them again
     assert cp.config['version'] == sevenn.__version__
     assert not cp.config.get('use_modality', False)
+    source = load_checkpoint(SOURCES[key][0]).config
+    for k in OLD_VERSION_KEYS:
+        assert cp.config[k] == source[k], k
     calc = SevenNetCalculator(cp.build_model(), file_type='model_instance')
     got = _evaluate(calc, cell[0])
     _assert_matches(got, reference(key), len(cell[0]), f'export {key}')
+
+
+def test_save_checkpoint_given_the_stored_old_config(work):
+    """The config exactly as 7net-0 stores it (0.9.1: no conv_denominator,
+    the XPLOR cutoff's unused p value): the written file says explicitly what
+    the old version implied, and sevenn loads exactly 7net-0's model."""
+    stored = torch.load(
+        pretrained_name_to_path('7net-0'), map_location='cpu', weights_only=False
+    )['config']
+    assert stored['version'] == '0.9.1' and 'conv_denominator' not in stored
+    source = load_checkpoint('7net-0')
+    model = source.build_model()
+    out = work / 'raw_config.pth'
+    save_checkpoint(out, model, stored)
+    cp = load_checkpoint(str(out))
+    assert cp.config['version'] == sevenn.__version__
+    for k in OLD_VERSION_KEYS:
+        assert cp.config[k] == source.config[k], k
+    back = cp.build_model().state_dict()
+    for k, v in model.state_dict().items():
+        assert torch.equal(back[k], v), k
 
 
 @pytest.mark.parametrize('key', ['mf0-R2SCAN', 'mf0-PBE'])

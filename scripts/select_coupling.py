@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""Choose the multi-fidelity recipe (coupling weights, fidelity-dependent
+positions, layer mode) on the training pools alone, by *extrapolation
+validation*.
+
+A random validation split of the high-fidelity (HF) pool lies where the HF
+training data lies, so it cannot see what multi-fidelity training is for: the
+HF head where only low-fidelity (LF) data exists. Here the HF pool is split
+by region instead, the way the real task is: one part trains, the other part
+(a region the HF training part does not reach, but the LF data does) scores.
+
+* ``--split x_In``: InGaN. HF trains at x = 0 (GaN cells) and is scored at
+  x = 1 (InN), which only the LF (PBE) pool covers besides.
+* ``--split distortion``: molecules. HF structures are ranked by their RMS
+  bond-length deviation from the first structure's bonds (a geometric
+  measure: no label is used); the most distorted quarter is scored, the rest
+  trains.
+
+No test file is read. Every variant is one ``sevenn_mf.analysis.methods`` run
+(resumable), scored on the held-out HF part (energy MAE and signed mean,
+force MAE where labelled) next to the LF validation error of the same model.
+
+    OMP_NUM_THREADS=1 python scripts/select_coupling.py \\
+        input_templates/ingan_methods.yaml --split x_In \\
+        --variants input_templates/coupling_variants.yaml -w runs/select_ingan
+
+Variants file: a list of {name, method, model: {...}, train: {...}} (model /
+train keys override the methods YAML; ``method`` is mf or mf-uncoupled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import os
+import time
+
+import numpy as np
+import yaml
+
+
+def bond_deviation(atoms, ref) -> float:
+    """RMS deviation (Å) of the bond lengths of ``atoms`` from those of
+    ``ref`` (bonds: pairs of ``ref`` within 1.2 x the sum of covalent radii)."""
+    from ase.data import covalent_radii
+
+    z = ref.numbers
+    d_ref = ref.get_all_distances()
+    limit = 1.2 * (covalent_radii[z][:, None] + covalent_radii[z][None, :])
+    i, j = np.nonzero(np.triu(d_ref < limit, 1))
+    d = atoms.get_all_distances()
+    return float(np.sqrt(np.mean((d[i, j] - d_ref[i, j]) ** 2)))
+
+
+def split_pool(pool, how: str):
+    """(train indices, held-out indices) of the HF pool."""
+    atoms = [a for _, a in pool]
+    if how == 'x_In':
+        x = np.array([float(a.info['x_In']) for a in atoms])
+        return list(np.flatnonzero(x == x.min())), list(np.flatnonzero(x == x.max()))
+    if how == 'distortion':
+        dev = np.array([bond_deviation(a, atoms[0]) for a in atoms])
+        cut = np.quantile(dev, 0.75)
+        return list(np.flatnonzero(dev < cut)), list(np.flatnonzero(dev >= cut))
+    raise SystemExit(f'unknown split {how!r} (x_In, distortion)')
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (extra or {}).items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('input', help='methods YAML (sevenn_mf.analysis.methods)')
+    p.add_argument('--split', required=True, choices=['x_In', 'distortion'])
+    p.add_argument('--variants', required=True, help='YAML list of variants')
+    p.add_argument('-w', '--working-dir', required=True)
+    p.add_argument('--seeds', nargs='+', type=int, default=[1])
+    p.add_argument('--only', nargs='+', help='run only these variant names')
+    args = p.parse_args()
+
+    from sevenn_mf.analysis.learning_curve import hf_pool, write_subset
+    from sevenn_mf.analysis.methods import read_method_input, run_method
+    from sevenn_mf.analysis.predict import MethodModel
+    from sevenn_mf.checkpoint import Checkpoint
+    from sevenn_mf.evaluate import error_summary
+    from sevenn_mf.metrics import FidelityMetrics
+
+    mi = read_method_input(args.input)
+    with open(args.variants) as f:
+        variants = yaml.safe_load(f)
+    if args.only:
+        variants = [v for v in variants if v['name'] in args.only]
+    out = os.path.abspath(args.working_dir)
+    os.makedirs(out, exist_ok=True)
+    pool = hf_pool(mi)
+    train_idx, held_idx = split_pool(pool, args.split)
+    files = write_subset(mi, pool, train_idx, os.path.join(out, 'hf_train_part'))
+    held = write_subset(mi, pool, held_idx, os.path.join(out, 'hf_heldout_part'))
+    held_files = [f for fs in held.values() for f in fs]
+    print(
+        f'HF pool {len(pool)}: {len(train_idx)} train, {len(held_idx)} held out '
+        f'({args.split})',
+        flush=True,
+    )
+    lf = mi.lf_fidelities[0]
+    results = os.path.join(out, 'selection.csv')
+    rows = []
+    for seed in args.seeds:
+        for var in variants:
+            run_mi = mi.with_hf_files(files)
+            run_mi.raw['model'] = _merge(run_mi.raw['model'], var.get('model'))
+            run_mi.raw['train'] = _merge(run_mi.raw['train'], var.get('train'))
+            run_mi.raw['train']['random_seed'] = seed
+            d = os.path.join(out, var['name'], f's{seed}')
+            t0 = time.time()
+            res = run_method(
+                run_mi,
+                var.get('method', 'mf'),
+                d,
+                resume=True,
+                screen=False,
+                log=lambda s: None,
+            )
+            model = MethodModel(res.parts)
+            _, pred = model.predict_files(held_files)
+            err = error_summary(pred)
+            ref, e = np.asarray(pred.e_ref), np.asarray(pred.e_pred)
+            ckpt = res.parts[0][0]
+            metrics = FidelityMetrics.read_csv(
+                os.path.join(os.path.dirname(ckpt), 'metrics.csv')
+            )
+            best = Checkpoint(ckpt).epoch
+            lf_row = next(
+                r
+                for r in metrics
+                if int(r['epoch']) == best and r['set'] == f'{lf}_validset'
+            )
+            row = {
+                'variant': var['name'],
+                'seed': seed,
+                'heldout_energy_mae': err['energy MAE (meV/atom)'],
+                'heldout_energy_bias': 1000 * float(np.nanmean(e - ref)),
+                # without the constant offset (e.g. of an element whose HF
+                # reference the training part cannot fix): the energy landscape
+                'heldout_energy_mae_centered': 1000
+                * float(np.nanmean(np.abs((e - ref) - np.nanmean(e - ref)))),
+                'heldout_force_mae': err['force MAE (meV/Å)'],
+                'lf_valid_energy_mae': float(lf_row['energy_mae']),
+                'lf_valid_force_mae': float(lf_row['force_mae']),
+                'epochs': max(int(r['epoch']) for r in metrics),
+                'best_epoch': best,
+                'seconds': round(res.seconds_total or time.time() - t0),
+            }
+            rows.append(row)
+            print(
+                ', '.join(
+                    f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                    for k, v in row.items()
+                ),
+                flush=True,
+            )
+            with open(results, 'w', newline='') as f:
+                w = csv.DictWriter(f, fieldnames=list(row))
+                w.writeheader()
+                w.writerows(rows)
+    print(
+        '\n| variant | seed | held-out HF energy MAE (bias) meV/atom | same without '
+        'the offset | held-out HF force MAE meV/Å | LF validation energy / force MAE '
+        '| epochs (best) | s |'
+    )
+    print('|---|---|---|---|---|---|---|---|')
+    for r in rows:
+        print(
+            f'| {r["variant"]} | {r["seed"]} | {r["heldout_energy_mae"]:.1f} '
+            f'({r["heldout_energy_bias"]:+.1f}) | {r["heldout_energy_mae_centered"]:.1f} | '
+            f'{r["heldout_force_mae"]:.0f} | '
+            f'{r["lf_valid_energy_mae"]:.1f} / {r["lf_valid_force_mae"]:.0f} | '
+            f'{r["epochs"]} ({r["best_epoch"]}) | {r["seconds"]} |'
+        )
+
+
+if __name__ == '__main__':
+    main()
