@@ -52,8 +52,15 @@ def main() -> None:
         val = next(r for r in best if r['set'] == f'{fid}_validset')
         epochs = max(int(r['epoch']) for r in metrics)
         rows.append(
-            (size, n_param, epochs, cp.epoch, float(val['energy_mae']),
-             float(val['force_mae']), res.seconds or time.time() - t0)
+            (
+                size,
+                n_param,
+                epochs,
+                cp.epoch,
+                float(val['energy_mae']),
+                float(val['force_mae']),
+                res.seconds or time.time() - t0,
+            )
         )
         print(
             f'{size:>10} params {n_param:>8} epochs {epochs:>4} best {cp.epoch:>4} '
@@ -61,8 +68,10 @@ def main() -> None:
             f'{float(val["force_mae"]):8.1f} meV/Å, {res.seconds:.0f} s',
             flush=True,
         )
-    print('\n| size (channel, lmax, layers) | parameters | epochs (best) | LF validation '
-          'energy MAE (meV/atom) | LF validation force MAE (meV/Å) | wall (s) |')
+    print(
+        '\n| size (channel, lmax, layers) | parameters | epochs (best) | LF validation '
+        'energy MAE (meV/atom) | LF validation force MAE (meV/Å) | wall (s) |'
+    )
     print('|---|---|---|---|---|---|')
     for size, n, ep, best, e, f, s in rows:
         print(f'| {size} | {n:,} | {ep} ({best}) | {e:.2f} | {f:.1f} | {s:.0f} |')

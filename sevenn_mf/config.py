@@ -77,7 +77,7 @@ NESTED_KEYS: Dict[Tuple[str, str], Tuple[str, ...]] = {
         'fraction',
     ),
     # early stopping on the best_fidelity validation loss (sevenn_mf.train)
-    ('train', 'early_stopping'): ('patience', 'min_delta', 'monitor'),
+    ('train', 'early_stopping'): ('patience', 'min_delta'),
 }
 
 # keys sevenn 0.13's parser handles outside its tables (the model-section ones
@@ -739,6 +739,10 @@ def _config_from_dict(raw: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
             model_raw[k] = True
     model_raw.setdefault(KEY.CHEMICAL_SPECIES, 'auto')
     model_raw.setdefault(S.FIDELITY_LAYER_MODE, 'onehot')
+    if KEY.SCHEDULER not in train_raw and KEY.SCHEDULER_PARAM not in train_raw:
+        # no schedule asked for: a constant learning rate (sevenn's default,
+        # exponentiallr without a gamma, cannot be built)
+        train_raw[KEY.SCHEDULER_PARAM] = {'gamma': 1.0}
     train_raw.setdefault(KEY.USE_WEIGHT, True)
     train_raw[KEY.USE_MODALITY] = True
     data_raw.setdefault(KEY.USE_MODAL_WISE_SHIFT, True)

@@ -508,3 +508,18 @@ def test_method_stage_that_failed_to_start_can_be_rerun(tmp_path, capsys):
     (tmp_path / 'r2scan.extxyz').write_text(good)
     assert main(['train', str(path), '-w', str(wd), '-q']) == 0
     assert (wd / 'model.json').is_file()
+
+
+def test_no_scheduler_means_a_constant_learning_rate(tmp_path):
+    """sevenn's default scheduler (exponentiallr) has no gamma and would fail
+    once the model is built; without a scheduler the rate stays constant."""
+    from sevenn_mf.config import check_config
+
+    raw = _raw(tmp_path)
+    del raw['train']['scheduler'], raw['train']['scheduler_param']
+    config = config_from_dict(raw, str(tmp_path))
+    assert (config['scheduler'], config['scheduler_param']) == (
+        'exponentiallr',
+        {'gamma': 1.0},
+    )
+    check_config(config, training=True)

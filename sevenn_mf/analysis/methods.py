@@ -31,8 +31,9 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     before coupled heads, for comparison.
 
 ``train.min_epoch_length: M`` makes a stage whose training set is smaller
-than M draw M structures per epoch (repeating the set; sevenn_mf's
-``temperature`` sampler with T = 1), so that small HF sets get as many
+than M (and whose own ``data.sampling`` draws fewer) draw M structures per
+epoch (repeating the set; sevenn_mf's ``temperature`` sampler with T = 1), so
+that small HF sets get as many
 optimizer steps as the LF ones instead of a handful.
 
 Every stage is an ordinary :func:`sevenn_mf.train.train` run in its own
@@ -525,7 +526,12 @@ def stage_raw(
         warnings.simplefilter('ignore')
         frames = _frames_of(databases, base_dir)
     n_train = sum(_n_training(s, f) for s, f in frames)
-    if mi.min_epoch_length and n_train < mi.min_epoch_length:
+    kept = data.get('sampling') or {}
+    if (
+        mi.min_epoch_length
+        and n_train < mi.min_epoch_length
+        and int(kept.get('epoch_length') or 0) < mi.min_epoch_length
+    ):  # the YAML's own sampling, when it draws enough, is kept
         data['sampling'] = {
             'mode': 'temperature',
             'temperature': 1.0,
