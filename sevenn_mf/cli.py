@@ -421,6 +421,279 @@ def _add_analysis_parsers(sub) -> None:
 
 
 _CHECKPOINT_HELP = 'checkpoint file or pretrained name (7net-0, 7net-mf-0, ...)'
+_MODEL_HELP = (
+    'checkpoint (with --fidelity), a sevenn_mf train --method run (folder or '
+    'model.json, Delta sums too) or a pretrained name (7net-0)'
+)
+
+
+def _md_check(args) -> int:
+    from ase.io import read
+
+    from .analysis.md_check import MDSettings, md_check, summary_table
+    from .analysis.predict import MethodModel
+
+    s = MDSettings(
+        temperature=args.temperature,
+        steps=args.steps,
+        timestep=args.timestep,
+        friction=args.friction,
+        seeds=tuple(args.seeds),
+        nve_steps=args.nve_steps,
+        min_distance=args.min_distance,
+        max_force=args.max_force,
+        max_drift=args.max_drift,
+        gap_every=args.gap_every,
+        write_every=args.write_every,
+    )
+    s.check()
+    structures, labels = [], []
+    for f in args.structures:
+        frames = read(f, args.index)
+        frames = frames if isinstance(frames, list) else [frames]
+        stem = os.path.splitext(os.path.basename(f))[0]
+        structures += frames
+        labels += [f'{stem}_{i}' for i in range(len(frames))]
+    if not structures:
+        raise ValueError('md-check: no structures in ' + ', '.join(args.structures))
+    model = MethodModel.load(args.model, args.fidelity)
+    if args.lammps:
+        return _md_check_lammps(args, model, structures, labels, s)
+
+    def factory():
+        calc = model.calculator()
+        if hasattr(calc, 'gap'):
+            calc.gap = calc.gap and not args.no_gap
+        return calc
+
+    trajs = md_check(factory, structures, s, args.output, labels=labels)
+    print(summary_table(trajs, s))
+    print(f'outputs: {os.path.abspath(args.output)} (summary.csv, md_check.png)')
+    return 0
+
+
+def _md_check_lammps(args, model, structures, labels, s) -> int:
+    import tempfile
+
+    from .analysis.delta import deploy_sum
+    from .analysis.md_check import (
+        lammps_trajectory,
+        plot,
+        summary_table,
+        write_summary,
+    )
+
+    lmp = args.lammps
+    if lmp == 'auto':
+        import shutil
+
+        lmp = os.environ.get('SEVENN_MF_LMP') or shutil.which('lmp')
+        if not lmp:
+            raise FileNotFoundError(
+                'md-check --lammps: no lmp binary found (build one with '
+                'bash scripts/build_lammps.sh --serial, then pass its path or set '
+                'SEVENN_MF_LMP)'
+            )
+    os.makedirs(args.output, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = [(cp.path, fid) for cp, fid, _ in model.parts]
+        pt = deploy_sum(parts, os.path.join(tmp, 'model.pt'))
+        trajs = [
+            lammps_trajectory(pt, a, s, seed, label, args.output, lmp)
+            for a, label in zip(structures, labels)
+            for seed in s.seeds
+        ]
+    write_summary(trajs, s, args.output)
+    plot(trajs, s, os.path.join(args.output, 'md_check.png'))
+    print(summary_table(trajs, s))
+    return 0
+
+
+def _select(args) -> int:
+    from .analysis.selection import (
+        random_pick,
+        read_candidates,
+        report,
+        score_candidates,
+        select,
+        write_chosen,
+    )
+
+    cands = read_candidates(args.files)
+    if args.random:  # scored too, so that the two choices can be compared
+        chosen = random_pick(cands, args.k, seed=args.seed)
+        ranges = score_candidates(args.model, args.fidelity, chosen)
+    else:
+        ranges = score_candidates(args.model, args.fidelity, cands)
+        chosen = select(
+            cands,
+            args.k,
+            seed=args.seed,
+            min_separation=args.min_separation,
+            diversity=args.diversity,
+        )
+    print(report(chosen, ranges))
+    print(write_chosen(chosen, args.output))
+    return 0
+
+
+def _compare(args) -> int:
+    from .analysis.compare import compare, table
+
+    labels = args.labels or [
+        os.path.basename(os.path.normpath(m)) for m in args.models
+    ]
+    if len(labels) != len(args.models):
+        raise ValueError('compare: give one --labels entry per model')
+    rows = compare(
+        list(zip(labels, args.models)), args.fidelity, args.files, args.output
+    )
+    print(table(rows))
+    print(
+        f'table and plot: {os.path.join(os.path.abspath(args.output), "compare.*")}'
+    )
+    return 0
+
+
+def _add_stability_parsers(sub) -> None:
+    """MD stability, choosing what to label next, side-by-side comparison."""
+    md = sub.add_parser(
+        'md-check',
+        help='does a model stay stable in MD? (Langevin NVT + NVE, several seeds)',
+        description='Langevin NVT from each structure with each seed, then NVE; '
+        'each trajectory is stable or fails (collapse, force, temperature, atom '
+        'left, non-finite, energy drift) at a time; for a multi-fidelity model '
+        'the fidelity gap along it. Default: a short check (500 + 100 steps of '
+        '0.5 fs, 2 seeds); raise --steps/--seeds for the long version.',
+    )
+    md.add_argument('model', help=_MODEL_HELP)
+    md.add_argument('--fidelity', help='the head to run (multi-fidelity models)')
+    md.add_argument(
+        '--structures',
+        nargs='+',
+        required=True,
+        help='starting structures (anything ase.io reads)',
+    )
+    md.add_argument(
+        '--index',
+        default=':',
+        help="which frames of each file (ase index, default ':')",
+    )
+    md.add_argument('-T', '--temperature', type=float, required=True, help='K')
+    md.add_argument('--steps', type=_positive_int, default=500, help='NVT steps')
+    md.add_argument(
+        '--nve-steps',
+        type=int,
+        default=100,
+        help='NVE steps after NVT, for the energy drift (0: none)',
+    )
+    md.add_argument('--timestep', type=float, default=0.5, help='fs')
+    md.add_argument(
+        '--friction', type=float, default=0.01, help='Langevin friction (1/fs)'
+    )
+    md.add_argument(
+        '--seeds',
+        nargs='+',
+        type=int,
+        default=[1, 2],
+        help='one trajectory per structure and seed',
+    )
+    md.add_argument(
+        '--min-distance',
+        type=float,
+        default=0.6,
+        help='collapse below this interatomic distance (Å)',
+    )
+    md.add_argument(
+        '--max-force',
+        type=float,
+        default=25.0,
+        help='failure above this force (eV/Å)',
+    )
+    md.add_argument(
+        '--max-drift',
+        type=float,
+        default=0.02,
+        help='NVE energy drift limit (eV/atom over the segment)',
+    )
+    md.add_argument(
+        '--gap-every',
+        type=_positive_int,
+        default=10,
+        help='fidelity gap every N steps',
+    )
+    md.add_argument(
+        '--no-gap',
+        action='store_true',
+        help='do not evaluate the other fidelity heads',
+    )
+    md.add_argument(
+        '--write-every',
+        type=_positive_int,
+        default=10,
+        help='frames written every N steps (for select)',
+    )
+    md.add_argument(
+        '--lammps',
+        nargs='?',
+        const='auto',
+        metavar='LMP',
+        help='run in LAMMPS (pair_style e3gnn) instead of ASE; LMP: '
+        'the binary (default: $SEVENN_MF_LMP or lmp on PATH)',
+    )
+    md.add_argument('-o', '--output', default='md_check', help='output folder')
+    md.set_defaults(func=_md_check)
+
+    se = sub.add_parser(
+        'select',
+        help='choose K structures to label at high fidelity, by the fidelity gap',
+        description='Ranks candidate structures (md-check trajectories or any '
+        "files) by how far the high-fidelity head's gap to the other heads lies "
+        'from its range on the high-fidelity training structures, and picks the K '
+        'highest with a diversity rule; writes them, unlabelled, as extxyz.',
+    )
+    se.add_argument('model', help='multi-fidelity checkpoint (sevenn_mf)')
+    se.add_argument('files', nargs='+', help='candidate structures')
+    se.add_argument('--fidelity', help='the high-fidelity head')
+    se.add_argument('-k', type=_positive_int, default=10, help='how many to choose')
+    se.add_argument(
+        '--seed', type=int, default=0, help='breaks ties; --random draws'
+    )
+    se.add_argument(
+        '--min-separation',
+        type=int,
+        default=10,
+        help='frames of one file at least this far apart',
+    )
+    se.add_argument(
+        '--diversity',
+        type=float,
+        default=0.3,
+        help='minimum descriptor distance between chosen ones, as a '
+        'fraction of the median distance between candidates',
+    )
+    se.add_argument(
+        '--random',
+        action='store_true',
+        help='K at random instead (the control of active learning)',
+    )
+    se.add_argument('-o', '--output', required=True, help='extxyz to write')
+    se.set_defaults(func=_select)
+
+    cm = sub.add_parser(
+        'compare',
+        help='several models on the same labelled structures: table and plot',
+    )
+    cm.add_argument('models', nargs='+', help=_MODEL_HELP)
+    cm.add_argument('--files', nargs='+', required=True, help='labelled structures')
+    cm.add_argument(
+        '--fidelity',
+        help='the head to compare (multi-fidelity '
+        'checkpoints; method runs predict their high fidelity)',
+    )
+    cm.add_argument('--labels', nargs='+', help='names in the table (one per model)')
+    cm.add_argument('-o', '--output', default='compare', help='output folder')
+    cm.set_defaults(func=_compare)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -583,6 +856,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=_convert)
 
     _add_analysis_parsers(sub)
+    _add_stability_parsers(sub)
     return p
 
 

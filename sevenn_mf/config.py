@@ -77,7 +77,7 @@ NESTED_KEYS: Dict[Tuple[str, str], Tuple[str, ...]] = {
         'fraction',
     ),
     # early stopping on the best_fidelity validation loss (sevenn_mf.train)
-    ('train', 'early_stopping'): ('patience', 'min_delta'),
+    ('train', 'early_stopping'): ('patience', 'min_delta', 'monitor'),
 }
 
 # keys sevenn 0.13's parser handles outside its tables (the model-section ones

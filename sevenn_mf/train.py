@@ -81,6 +81,8 @@ class MFTrainer(Trainer):
         self.user_per_epoch = int(config.get(KEY.PER_EPOCH, 10) or 10)
         self.early = early_stopping_settings(config, best_loader)
         self.epochs_since_best = int(state.get('epochs_since_best', 0))
+        self.monitor_best = float(state.get('monitor_best', math.inf))
+        self._epoch_monitor = math.inf
         self.stopped = bool(state.get('stopped_early', False))
         self.fingerprint = run_fingerprint
         self.gap_sets, self.gap_train = _gap_sets(config, data)
@@ -141,10 +143,17 @@ class MFTrainer(Trainer):
             super().run_one_epoch(
                 loader, is_train, tee, memory_error_recorder, wrap_tqdm=bar
             )
-        if name == self.best_loader and error_recorder is not None:
+        if error_recorder is not None and name in (
+            self.best_loader,
+            self.early and self.early[2],
+        ):
             cur = error_recorder.get_current()
             if self.best_metric in cur:
-                self._epoch_best_candidate = float(cur[self.best_metric]['value'])
+                value = float(cur[self.best_metric]['value'])
+                if name == self.best_loader:
+                    self._epoch_best_candidate = value
+                if self.early and name == self.early[2]:
+                    self._epoch_monitor = value
 
     def _run_one_epoch_ddp(self, loader, is_train, tee, memory_error_recorder, bar):
         # Shards may differ by one structure, so ranks may run a different
@@ -200,7 +209,9 @@ class MFTrainer(Trainer):
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             # this epoch's monitored loss (sevenn passes the best before it,
             # which it also forgets on resume)
-            metric = float(self._epoch_best_candidate)
+            metric = float(
+                self._epoch_monitor if self.early else self._epoch_best_candidate
+            )
         super().scheduler_step(metric)
         self._early_stopping_step(log)
         if self.rank == 0:
@@ -268,15 +279,16 @@ class MFTrainer(Trainer):
     def _early_stopping_step(self, log) -> None:
         if self.early is None:
             return
-        patience, min_delta = self.early
-        if self._epoch_best_candidate < self.best_value * (1.0 - min_delta):
+        patience, min_delta, monitor = self.early
+        if self._epoch_monitor < self.monitor_best * (1.0 - min_delta):
             self.epochs_since_best = 0
         else:
             self.epochs_since_best += 1
+        self.monitor_best = min(self.monitor_best, self._epoch_monitor)
         if self.epochs_since_best >= patience:
             self.stopped = True
             log.writeline(
-                f'early stopping: {self.best_loader} {self.best_metric} has not '
+                f'early stopping: {monitor} {self.best_metric} has not '
                 f'improved by more than {100 * min_delta:g} % for {patience} epochs'
             )
 
@@ -313,6 +325,7 @@ class MFTrainer(Trainer):
             'best_value': self.best_value,
             'best_loader': self.best_loader,
             'epochs_since_best': self.epochs_since_best,
+            'monitor_best': self.monitor_best,
             'stopped_early': self.stopped,
             'run': self.fingerprint,
             'gap_range': self.gap_range,
@@ -337,19 +350,28 @@ class _EarlyStop(Exception):
 
 def early_stopping_settings(
     config: Dict[str, Any], best_loader: Optional[str]
-) -> Optional[Tuple[int, float]]:
-    """(patience, min_delta) of ``train.early_stopping`` (None: off): the run
-    stops after ``patience`` epochs in which the monitored validation loss
-    (the one that picks checkpoint_best.pth) did not fall below
-    ``(1 - min_delta)`` times its best value so far (``min_delta`` is a
-    relative improvement, default 0: any improvement counts)."""
+) -> Optional[Tuple[int, float, str]]:
+    """(patience, min_delta, monitored loader) of ``train.early_stopping``
+    (None: off): the run stops after ``patience`` epochs in which the
+    monitored validation loss did not fall below ``(1 - min_delta)`` times
+    its best value so far (``min_delta`` is a relative improvement, default
+    0: any improvement counts). ``monitor: all`` (default) watches the loss
+    on every validation structure (all fidelities: a model has converged when
+    none of its heads still improves), ``monitor: best`` the one that picks
+    checkpoint_best.pth (``train.best_fidelity``'s). With
+    ``reducelronplateau`` the monitored loss also drives the learning rate."""
     raw = config.get(S.EARLY_STOPPING) or {}
     if not raw:
         return None
-    if not isinstance(raw, dict) or set(raw) - {'patience', 'min_delta'}:
+    if not isinstance(raw, dict) or set(raw) - {'patience', 'min_delta', 'monitor'}:
         raise ValueError(
-            'train.early_stopping takes {patience: epochs, min_delta: relative gain}, '
-            f'got {raw!r}'
+            'train.early_stopping takes {patience: epochs, min_delta: relative gain, '
+            f'monitor: all | best}}, got {raw!r}'
+        )
+    monitor = raw.get('monitor', 'all')
+    if monitor not in ('all', 'best'):
+        raise ValueError(
+            f"train.early_stopping.monitor must be 'all' or 'best', got {monitor!r}"
         )
     patience = raw.get('patience')
     if not isinstance(patience, int) or isinstance(patience, bool) or patience < 1:
@@ -367,7 +389,11 @@ def early_stopping_settings(
             'train.early_stopping needs validation data (a validation split of a '
             'database) to monitor'
         )
-    return patience, float(min_delta)
+    return (
+        patience,
+        float(min_delta),
+        'validset' if monitor == 'all' else best_loader,
+    )
 
 
 # at most this many structures per set for the gap monitor and the range

@@ -264,3 +264,80 @@ def test_gap_score_against_the_training_range():
     assert r.score('pbe', 0.03, 0.1) == pytest.approx(4.0)  # 4 energy sds
     assert r.score('pbe', 0.01, 0.2) == pytest.approx(5.0)  # 5 force sds
     assert not r.outside('pbe', 0.015, 0.15) and r.outside('pbe', 0.03, 0.1)
+
+
+def test_cli_md_check_select_and_compare(tmp_path, capsys):
+    from lammps_utils import find_lmp
+
+    from sevenn_mf.cli import main
+
+    cell = 'input_templates/quickstart_data/r2scan_test_x0.5.extxyz'
+    args = [
+        'md-check',
+        '7net-mf-0',
+        '--fidelity',
+        'R2SCAN',
+        '--structures',
+        cell,
+        '--index',
+        '0',
+        '-T',
+        '800',
+        '--steps',
+        '20',
+        '--nve-steps',
+        '5',
+        '--seeds',
+        '1',
+        '--write-every',
+        '2',
+        '--gap-every',
+        '2',
+    ]
+    assert main(args + ['-o', str(tmp_path / 'md')]) == 0
+    out = capsys.readouterr().out
+    assert 'stable: 1/1' in out and (tmp_path / 'md' / 'md_check.png').exists()
+    frames = str(tmp_path / 'md' / 'r2scan_test_x0.5_0_s1.extxyz')
+    assert (
+        main(
+            [
+                'select',
+                '7net-mf-0',
+                frames,
+                '--fidelity',
+                'R2SCAN',
+                '-k',
+                '2',
+                '--min-separation',
+                '3',
+                '-o',
+                str(tmp_path / 'chosen.extxyz'),
+            ]
+        )
+        == 0
+    )
+    chosen = read(tmp_path / 'chosen.extxyz', ':')
+    assert len(chosen) == 2
+    assert abs(chosen[0].info['source_frame'] - chosen[1].info['source_frame']) >= 3
+    assert chosen[0].info['gap_score'] >= chosen[1].info['gap_score']
+    assert (
+        main(
+            [
+                'compare',
+                '7net-mf-0',
+                '--fidelity',
+                'R2SCAN',
+                '--files',
+                cell,
+                '-o',
+                str(tmp_path / 'cmp'),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / 'cmp' / 'compare.png').exists()
+    lmp = find_lmp()
+    if lmp is None:
+        pytest.skip('no LAMMPS binary: bash scripts/build_lammps.sh --serial')
+    assert main(args + ['-o', str(tmp_path / 'mdl'), '--lammps', str(lmp)]) == 0
+    assert 'stable: 1/1' in capsys.readouterr().out

@@ -108,6 +108,8 @@ class Trajectory:
     drift_ev_atom: float = float('nan')
     max_gap_energy: float = float('nan')  # meV/atom, |gap| of the chosen head
     max_gap_force: float = float('nan')  # meV/Å
+    # the largest distance from the training gaps, in training sds (GapRange.score)
+    max_gap_score: float = float('nan')
     n_outside: int = 0  # gap samples outside the training range
     n_gap: int = 0
     frames: str = ''
@@ -187,6 +189,15 @@ class _Watch:
                 row[f'gap_{other}_energy_meV'] = 1000 * g['energy']
                 row[f'gap_{other}_force_meV'] = 1000 * g['force']
             row['gap_outside'] = a.calc.results.get('fidelity_gap_outside')
+            rng = getattr(a.calc, 'gap_range', None)
+            if rng is not None and rng.reference == getattr(
+                a.calc, 'fidelity', None
+            ):
+                row['gap_score'] = max(
+                    rng.score(o, g['energy'], g['force'])
+                    for o, g in gap.items()
+                    if o in rng.ranges
+                )
         self.temps.append(temp)
         if not (np.isfinite(epot) and np.isfinite(forces).all()):
             self._fail(row, 'non-finite', 'non-finite energy or forces')
@@ -230,6 +241,9 @@ def _gap_stats(rows: List[Dict[str, Any]], t: Trajectory) -> None:
     flags = [r['gap_outside'] for r in rows if r.get('gap_outside') is not None]
     if e:
         t.max_gap_energy, t.max_gap_force = float(max(e)), float(max(f))
+    scores = [r['gap_score'] for r in rows if r.get('gap_score') is not None]
+    if scores:
+        t.max_gap_score = float(max(scores))
     t.n_gap, t.n_outside = len(flags), int(sum(bool(x) for x in flags))
 
 
@@ -389,17 +403,22 @@ def summary_table(trajs: Sequence[Trajectory], s: MDSettings) -> str:
     rows = [
         f'MD check at {s.temperature:g} K: {s.steps} NVT + {s.nve_steps} NVE steps '
         f'of {s.timestep:g} fs ({(s.steps + s.nve_steps) * s.timestep / 1000:g} ps)',
-        f'{"structure":<24}{"seed":>5}  {"result":<34}{"max |gap| meV/atom":>19}'
-        f'{"outside":>9}',
+        f'{"structure":<24}{"seed":>5}  {"result":<34}{"max gap score":>14}'
+        f'{"outside range":>15}',
     ]
     for t in trajs:
         res = 'stable' if t.stable else f'{t.failure} at {t.failure_ps:.3f} ps'
-        gap = f'{t.max_gap_energy:.1f}' if np.isfinite(t.max_gap_energy) else '-'
+        gap = f'{t.max_gap_score:.1f}' if np.isfinite(t.max_gap_score) else '-'
         out = f'{t.n_outside}/{t.n_gap}' if t.n_gap else '-'
-        rows.append(f'{t.label:<24}{t.seed:>5}  {res:<34}{gap:>19}{out:>9}')
+        rows.append(f'{t.label:<24}{t.seed:>5}  {res:<34}{gap:>14}{out:>15}')
     n = len(trajs)
     stable = sum(t.stable for t in trajs)
     failed = [t.failure_ps for t in trajs if not t.stable]
+    if any(t.n_gap for t in trajs):
+        rows.append(
+            'gap score: distance of the fidelity gap from its range on the '
+            'high-fidelity training structures, in their standard deviations'
+        )
     rows.append(
         f'stable: {stable}/{n}'
         + (
@@ -465,7 +484,7 @@ def plot(trajs: Sequence[Trajectory], s: MDSettings, path: str) -> Optional[str]
     if has_gap:
         axes[3].set_ylabel('energy gap\n(meV/atom)')
     axes[-1].set_xlabel('time (ps)')
-    if len(trajs) <= 12:
+    if len(trajs) <= 12 and axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=6, ncol=3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -513,7 +532,7 @@ pair_coeff * * {os.path.abspath(deployed)} {' '.join(elements)}
 timestep {s.timestep / 1000}
 velocity all create {s.temperature} {seed} dist gaussian mom yes
 compute pd all pair/local dist
-compute dmin all reduce min c_pd
+compute dmin all reduce min c_pd inputs local
 variable fa atom sqrt(fx*fx+fy*fy+fz*fz)
 compute fmax all reduce max v_fa
 thermo_style custom step temp pe etotal c_dmin c_fmax
