@@ -205,7 +205,12 @@ def test_a_fidelity_is_never_ignored(checkpoints, capsys, tmp_path):
 
 
 def test_missing_optional_package_is_one_line(checkpoints, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, 'pymatgen', None)  # as if not installed
+    # as if not installed, also when other tests imported it already
+    for name in [
+        m for m in sys.modules if m == 'pymatgen' or m.startswith('pymatgen.')
+    ]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, 'pymatgen', None)
     line = _refused(
         capsys,
         [

@@ -604,6 +604,7 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
         ('energy_mae', 'HF test energy MAE (meV/atom)'),
         ('force_mae', 'HF test force MAE (meV/Å)'),
         ('mixing_mae', 'mixing energy MAE (meV/atom)'),
+        ('lf_energy_mae', 'LF head energy MAE, same structures (meV/atom)'),
     ]
     panels = [p for p in panels if any(f'{p[0]}_mean' in r for r in summary)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4))
@@ -658,7 +659,16 @@ def markdown_table(out_dir: str) -> str:
     summ = summarize(read_results(out_dir))
     cols = [
         m
-        for m in ('energy_mae', 'force_mae', 'mixing_mae', 'mixing_r2')
+        for m in (
+            'energy_mae',
+            'energy_bias',
+            'force_mae',
+            'lf_energy_mae',
+            'lf_force_mae',
+            'mixing_mae',
+            'mixing_r2',
+            'epochs',
+        )
         if any(f'{m}_mean' in r for r in summ)
     ]
     head = (
@@ -678,8 +688,11 @@ def markdown_table(out_dir: str) -> str:
             if f'{m}_mean' not in r:
                 cells.append('-')
                 continue
-            digits = 3 if m == 'mixing_r2' else 1
-            cells.append(f'{r[f"{m}_mean"]:.{digits}f} ± {r[f"{m}_std"]:.{digits}f}')
+            digits = {'mixing_r2': 3, 'epochs': 0}.get(m, 1)
+            sign = '+' if m.endswith('bias') else ''
+            cells.append(
+                f'{r[f"{m}_mean"]:{sign}.{digits}f} ± {r[f"{m}_std"]:.{digits}f}'
+            )
         cells.append(f'{r.get("stage_seconds_mean", float("nan")):.0f}')
         lines.append('| ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)
