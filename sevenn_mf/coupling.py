@@ -17,8 +17,13 @@ terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
   the per-atom energy gap (net of the two fidelities' element references:
   :func:`sevenn_mf.gap.net_atomic_energy`), and the size of the force (and,
   for structures with an anchor stress label, stress) difference. The anchor's
-  predictions are the target (no gradient flows into the anchor head through
-  the penalty), so a structure labelled at one fidelity teaches every head.
+  predictions are the target, and the penalty's gradient goes to the coupled
+  head's own fidelity-dependent parameters only: the HF head learns to follow
+  the anchor where only the anchor has labels, while neither the anchor head
+  nor the shared representation is pulled towards a fit of the HF head (a
+  first version that let the penalty reach the shared layers degraded the LF
+  head: docs/benchmarks.md). A structure labelled at one fidelity then
+  teaches every head.
 * **parameter space** (``parameter``, a number or ``{fidelity: number}``): an
   L2 penalty, the mean over entries, on the fidelity-dependent parameters'
   deviation from the anchor's: ``indexed`` layers ΔW_f - ΔW_a and Δb_f - Δb_a;
@@ -332,15 +337,53 @@ class CouplingLoss:
                     terms['stress'].append(self._crit(sd * _TO_KBAR))
         return {k: torch.stack(v).mean() for k, v in terms.items() if v}
 
+    def _own_parameters(self, model) -> List[Tuple[torch.nn.Parameter, Any]]:
+        """(parameter, entry mask or None) of the coupled heads' own
+        fidelity-dependent parameters."""
+        out = []
+        for _, p, how in _parameter_slices(model):
+            if not p.requires_grad:
+                continue
+            if how[0] == 'rows':
+                mask = torch.zeros_like(p, dtype=torch.bool)
+                mask[list(self.targets)] = True
+            else:
+                flat = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+                _, n_fid, spans = how
+                for off, n in spans:
+                    rows = flat[off : off + n].view(n_fid, -1)
+                    rows[list(self.targets)] = True
+                mask = flat.view(p.shape)
+            out.append((p, mask))
+        return out
+
     def get_loss(self, batch, model=None) -> Optional[torch.Tensor]:
+        """The parameter penalty (returned: sevenn adds it to the loss) and
+        the function-space penalty, whose gradient is put on the coupled
+        heads' own fidelity-dependent parameters here (accumulated into their
+        ``.grad``, to which sevenn's backward then adds): the penalty moves
+        the high-fidelity head towards the anchor's behaviour, never the
+        shared representation or the anchor towards a fit of it."""
         model = getattr(model, 'module', model)  # DDP
         total = self.parameter_penalty(model)
         if total is not None:
             self.sums['parameter'] += float(total.detach())
+        function = None
         for k, v in self.function_penalty(batch, model).items():
             w = getattr(self.settings, k)
             self.sums[k] += float(v.detach())
-            total = w * v if total is None else total + w * v
+            function = w * v if function is None else function + w * v
+        if function is not None and function.requires_grad:
+            own = self._own_parameters(model)
+            grads = torch.autograd.grad(
+                function, [p for p, _ in own], retain_graph=True, allow_unused=True
+            )
+            with torch.no_grad():
+                for (p, mask), g in zip(own, grads):
+                    if g is None:
+                        continue
+                    g = torch.where(mask, g, torch.zeros_like(g))
+                    p.grad = g if p.grad is None else p.grad + g
         self.steps += 1
         return total
 

@@ -168,6 +168,7 @@ def test_gradients_reach_only_the_coupled_head(mode, lf_graphs):
         else:
             assert g.abs().max() == 0, name
 
+    # the function-space penalty as such: nothing on the anchor or the references
     model.zero_grad()
     out = _forward_train(model, _batch_with_copies(lf_graphs))
     terms = loss.function_penalty(out, model)
@@ -179,12 +180,21 @@ def test_gradients_reach_only_the_coupled_head(mode, lf_graphs):
         g = grads[name].grad
         assert g[hf].abs().max() > 0, name
         assert g[anchor].abs().max() == 0, name  # the anchor is the target
-    shared = [
-        n
-        for n, p in model.named_parameters()
-        if n not in masks and 'rescale' not in n and p.grad is not None
-    ]
-    assert shared  # the HF head's shared path learns from it too
+
+    # and as a training term: get_loss puts its gradient on the coupled head's
+    # own entries only, never on the shared representation
+    only_function = CouplingLoss(_settings(energy=1, force=1), cfg, _huber)
+    model.zero_grad()
+    out = _forward_train(model, _batch_with_copies(lf_graphs))
+    assert only_function.get_loss(out, model) is None  # nothing left for sevenn
+    for name, p in model.named_parameters():
+        g = torch.zeros_like(p) if p.grad is None else p.grad
+        if name in masks:
+            anchor, hf = masks[name]
+            assert g[hf].abs().max() > 0, name
+            assert g[~hf].abs().max() == 0, name
+        else:
+            assert g.abs().max() == 0, name
 
 
 def test_copies_change_no_data_loss(lf_graphs):

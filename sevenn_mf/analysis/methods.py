@@ -27,8 +27,9 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     YAML's ``fidelity_layer_mode``), with the YAML's ``train.coupling``
     (coupled fidelity heads, :mod:`sevenn_mf.coupling`).
 ``mf-uncoupled``
-    The same without ``train.coupling``: multi-fidelity training as it was
-    before coupled heads, for comparison.
+    Multi-fidelity training as it was before coupled heads, for comparison:
+    the YAML without ``train.coupling`` and with sevenn's fidelity-dependent
+    positions (self-interaction intro / outro and output block).
 
 ``train.min_epoch_length: M`` makes a stage whose training set is smaller
 than M (and whose own ``data.sampling`` draws fewer) draw M structures per
@@ -71,6 +72,13 @@ METHODS = (
     'mf-indexed',
 )
 MF_METHODS = ('mf', 'mf-uncoupled', 'mf-onehot', 'mf-indexed')
+# fidelity-dependent positions of multi-fidelity training before coupled heads
+# (sevenn's MF-0 preset; sevenn_mf's default until measured otherwise)
+LEGACY_POSITIONS = (
+    'use_modal_self_inter_intro',
+    'use_modal_self_inter_outro',
+    'use_modal_output_block',
+)
 # train-section keys read here (METHOD_KEYS; removed before sevenn's parser
 # sees the YAML), TRANSFER_KEYS and DELTA_KEYS: defined with the other known
 # keys in sevenn_mf.config
@@ -657,6 +665,9 @@ def run_method(
             mode=mode,
             coupling=method != 'mf-uncoupled',
         )
+        if method == 'mf-uncoupled':  # as before coupled heads: sevenn's positions
+            raw['model'].update({k: True for k in LEGACY_POSITIONS})
+            raw['model']['use_modal_node_embedding'] = False
         stages.append(stage(method, raw))
         parts = [(stages[-1].checkpoint, hf)]
     elif method == 'transfer':
