@@ -108,7 +108,7 @@ def _register_config_keys() -> None:
         PRETRAINED_FIDELITY: (None, lambda v: v is None or isinstance(v, str)),
         PRETRAINED_ADD: ({}, lambda v: isinstance(v, dict)),
         FIT_NEW_REFERENCES: (False, bool),
-        COUPLING: ({}, lambda v: isinstance(v, dict)),
+        COUPLING: ({}, lambda v: isinstance(v, (dict, bool))),
         EARLY_STOPPING: ({}, lambda v: isinstance(v, dict)),
     }
     data_keys = {

@@ -201,7 +201,7 @@ def _unknown_section_key(section: str, key: Any) -> ConfigError:
 
 def _check_sub_keys(where: str, value: Any, allowed: Iterable[str]) -> None:
     allowed = tuple(allowed)
-    if value is None:
+    if value is None or isinstance(value, bool):  # e.g. coupling: true
         return
     if not isinstance(value, dict):
         raise ConfigError(
@@ -611,11 +611,12 @@ def check_config(config: Dict[str, Any], training: bool = False) -> None:
         raise ConfigError(str(exc)) from None
 
 
-_DEFAULT_POSITIONS = (
-    KEY.USE_MODAL_SELF_INTER_INTRO,
-    KEY.USE_MODAL_SELF_INTER_OUTRO,
-    KEY.USE_MODAL_OUTPUT_BLOCK,
-)
+# Fidelity-dependent layers when the YAML names none: the output block only.
+# Measured (docs/benchmarks.md, "Choosing the recipe"): with sevenn's MF-0
+# positions (self-interaction intro / outro too) the high-fidelity head drifts
+# from the low-fidelity one where only low-fidelity data is; the output block
+# alone carries the fidelity difference with less freedom to drift.
+_DEFAULT_POSITIONS = (KEY.USE_MODAL_OUTPUT_BLOCK,)
 
 
 def _native_modal_databases(data: Dict[str, Any]) -> List[Dict[str, Any]]:

@@ -50,15 +50,19 @@ from .nn.fidelity_linear import instruction_map
 COUPLING = 'coupling'  # train-section key
 FUNCTION_WEIGHTS = ('energy', 'force', 'stress')
 KEYS = ('anchor', 'fidelities', 'parameter', 'energy', 'force', 'stress', 'fraction')
-# off unless asked for; the recommended recipe sets them in the templates
+# Coupling is off unless train.coupling is given; given (``coupling: true``
+# or a mapping), the options default to the measured recipe (extrapolation
+# validation on the InGaN and ethanol training pools, docs/benchmarks.md):
+# function space on half the batches, energy and force weight 1, no
+# parameter penalty (it did not help there).
 DEFAULTS = {
     'anchor': None,
     'fidelities': None,
     'parameter': 0.0,
-    'energy': 0.0,
-    'force': 0.0,
+    'energy': 1.0,
+    'force': 1.0,
     'stress': 0.0,
-    'fraction': 1.0,
+    'fraction': 0.5,
 }
 _TO_KBAR = 1602.1766208  # eV/Å^3 -> kbar, as sevenn's stress loss
 
@@ -138,10 +142,14 @@ def settings_from(
     """The run's settings (None when no coupling is asked for).
     ``n_structures``: training structures per fidelity (the default anchor
     is the fidelity with the most)."""
-    if raw in (None, {}, False):
+    if raw is None or raw is False or raw == {}:
         return None
-    if not isinstance(raw, dict):
-        raise CouplingError(f'train.coupling must be a mapping, got {raw!r}')
+    if raw is True:
+        raw = {}
+    elif not isinstance(raw, dict):
+        raise CouplingError(
+            f'train.coupling must be true or a mapping of options, got {raw!r}'
+        )
     unknown = sorted(set(raw) - set(KEYS))
     if unknown:
         raise CouplingError(
@@ -210,6 +218,38 @@ def settings_from(
     return settings if settings.active else None
 
 
+class CouplingWarning(UserWarning):
+    pass
+
+
+# sevenn's output block is two linear layers with no activation between them,
+# so a one-hot fidelity input there adds the same energy to every atom
+_LINEAR_READOUT = ('reduce_input_to_hidden', 'reduce_hidden_to_energy')
+
+
+def heads_differ_by_constant(model) -> bool:
+    """True when the model's heads can differ only by a constant energy per
+    atom (one-hot fidelity layers in the output block alone): no force gap,
+    no spread of the per-atom gap, so the function-space penalties are zero."""
+    layers = fidelity_layers(model)
+    return bool(layers) and all(
+        layer.is_onehot and name in _LINEAR_READOUT for name, layer in layers.items()
+    )
+
+
+def inert_warning(settings: CouplingSettings, model) -> Optional[str]:
+    """The message when function-space coupling has nothing to act on."""
+    if not settings.function_space or not heads_differ_by_constant(model):
+        return None
+    return (
+        'train.coupling: with one-hot fidelity layers in the output block only, '
+        'the heads differ by a constant energy per atom, so the function-space '
+        'penalties are zero; to let the high-fidelity head learn a '
+        'geometry-dependent difference, add fidelity-dependent layers '
+        '(use_modal_self_inter_intro / _outro) or use fidelity_layer_mode: indexed'
+    )
+
+
 # ---- the penalties -----------------------------------------------------------
 def _parameter_slices(model) -> List[Tuple[str, torch.nn.Parameter, Any]]:
     """(layer name, parameter, how to take fidelity f's entries)."""
@@ -260,6 +300,17 @@ class CouplingLoss:
         }
         self.sums = {k: 0.0 for k in ('parameter',) + FUNCTION_WEIGHTS}
         self.steps = 0
+        # the terms the settings switch on, logged each epoch even when zero
+        # (an epoch may have drawn no batch with copies)
+        self.terms = [
+            k
+            for k in ('parameter',) + FUNCTION_WEIGHTS
+            if (
+                settings.parameter_space
+                if k == 'parameter'
+                else getattr(settings, k) > 0
+            )
+        ]
 
     def _crit(self, x: torch.Tensor) -> torch.Tensor:
         return torch.mean(self.criterion(x, torch.zeros_like(x)))
@@ -391,7 +442,7 @@ class CouplingLoss:
         """Mean penalty values (before weights) over the steps since the last
         call; resets."""
         n = max(self.steps, 1)
-        out = {k: v / n for k, v in self.sums.items()}
+        out = {k: v / n for k, v in self.sums.items() if k in self.terms}
         self.sums = {k: 0.0 for k in self.sums}
         self.steps = 0
         return out

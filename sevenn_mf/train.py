@@ -20,6 +20,7 @@ import math
 import os
 import re
 import sys
+import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -33,7 +34,14 @@ from . import finetune
 from ._sevenn import KEY
 from .checkpoint import atomic_torch_save, read_training_state
 from .config import check_config
-from .coupling import CouplingLoss, CouplingSettings, coupling_targets, settings_from
+from .coupling import (
+    CouplingLoss,
+    CouplingSettings,
+    CouplingWarning,
+    coupling_targets,
+    inert_warning,
+    settings_from,
+)
 from .data.dataset import TrainingData, concat, make_loaders, prepare_data
 from .data.sampler import DatabaseSampler
 from .gap import (
@@ -203,7 +211,7 @@ class MFTrainer(Trainer):
             means = coupling.epoch_means()
             log.writeline(
                 'coupling penalties (mean per step, before weights): '
-                + ', '.join(f'{k} {v:.4g}' for k, v in means.items() if v)
+                + ', '.join(f'{k} {v:.4g}' for k, v in means.items())
             )
         lr = self.get_lr()  # of the epoch that just ran
         if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
@@ -668,6 +676,8 @@ def train(
         if config.get(S.FREEZE_SHARED):
             frozen = freeze_shared(model)
             logger.writeline(f'frozen shared parameters: {len(frozen)} tensors')
+        if couple is not None and (inert := inert_warning(couple, model)):
+            warnings.warn(inert, CouplingWarning, stacklevel=1)
         trainer = make_trainer(model, config, couple)
         finetune.configure_optimizer(trainer, config, log=logger.writeline)
         logger.print_model_info(model, config)

@@ -23,7 +23,11 @@ def small_config(
     lmax=2,
     layers=2,
     all_positions=False,
+    positions='mf0',
 ):
+    """``positions='mf0'``: SevenNet-MF-0's fidelity-dependent layers (self
+    interaction intro / outro and output block: the numerical checks then see
+    several fidelity layers); ``None``: sevenn_mf's default."""
     raw = {
         'model': {
             'chemical_species': list(species),
@@ -42,6 +46,12 @@ def small_config(
             ]
         },
     }
+    if positions == 'mf0':
+        raw['model'].update(
+            use_modal_self_inter_intro=True,
+            use_modal_self_inter_outro=True,
+            use_modal_output_block=True,
+        )
     if all_positions:
         raw['model'].update(
             {

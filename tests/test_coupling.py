@@ -19,6 +19,8 @@ from sevenn_mf.config import config_from_dict
 from sevenn_mf.coupling import (
     CouplingError,
     CouplingLoss,
+    heads_differ_by_constant,
+    inert_warning,
     settings_from,
 )
 from sevenn_mf.data.cross_fidelity import (
@@ -252,9 +254,42 @@ def test_settings_errors():
     with pytest.raises(CouplingError, match='>= 0'):
         settings_from({'force': -1}, FIDS, {})
     assert settings_from({}, FIDS, {}) is None
-    assert settings_from({'energy': 0}, FIDS, {ANCHOR: 1}) is None  # all off
+    assert settings_from({'energy': 0, 'force': 0}, FIDS, {ANCHOR: 1}) is None
+    recipe = settings_from(True, FIDS, {ANCHOR: 3, HF: 1})  # the measured defaults
+    assert (recipe.energy, recipe.force, recipe.fraction) == (1.0, 1.0, 0.5)
+    assert recipe.parameter == {HF: 0.0} and recipe.anchor == ANCHOR
     s = settings_from({'energy': 1}, FIDS, {ANCHOR: 3, HF: 9})
     assert s.anchor == HF and s.fidelities == [ANCHOR]  # default: most data
+
+
+@pytest.mark.parametrize(
+    'mode,positions,constant',
+    [('onehot', None, True), ('onehot', 'mf0', False), ('indexed', None, False)],
+)
+def test_heads_that_can_only_differ_by_a_constant_are_detected(
+    mode, positions, constant, lf_graphs
+):
+    """One-hot fidelity input at sevenn's linear output block alone: the head
+    gap is one energy per atom whatever the structure, the function-space
+    penalties are zero, and the run says so."""
+    from sevenn_mf.gap import head_gaps
+
+    cfg = small_config(mode, positions=positions)
+    model = build_model(cfg)
+    _perturb_hf_head(model)
+    assert heads_differ_by_constant(model) is constant
+    gaps = head_gaps(model, cfg, lf_graphs, reference=HF)
+    spread = float(gaps.energy[ANCHOR].std())
+    force = float(gaps.force[ANCHOR].mean())
+    if constant:
+        assert spread < 1e-6 and force < 1e-6, (spread, force)
+        assert 'constant energy per atom' in inert_warning(
+            _settings(energy=1.0), model
+        )
+    else:
+        assert spread > 1e-5 and force > 1e-5, (spread, force)
+        assert inert_warning(_settings(energy=1.0), model) is None
+    assert inert_warning(_settings(parameter=1.0, energy=0, force=0), model) is None
 
 
 # ---- a small run from the shared data ----------------------------------------

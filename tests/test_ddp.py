@@ -129,7 +129,11 @@ def _rows(path):
 # coupling (identical on every rank, so still exact) and the gap monitor
 @pytest.mark.parametrize(
     'n_low,coupling',
-    [(16, None), (17, None), (16, {'anchor': 'low', 'parameter': 0.5})],
+    [
+        (16, None),
+        (17, None),
+        (16, {'anchor': 'low', 'parameter': 0.5, 'energy': 0, 'force': 0}),
+    ],
     ids=['even', 'uneven', 'coupled'],
 )
 def test_two_gloo_ranks_match_one_process(tmp_path, n_low, coupling):
@@ -216,10 +220,17 @@ def test_function_space_coupling_runs_under_ddp(tmp_path):
     """Copies in the batch under DDP: shards hold different numbers of
     low-fidelity structures, so this is not the single-process run exactly;
     it must run, and the penalties must be computed on every rank."""
-    coupling = {'anchor': 'low', 'energy': 1.0, 'force': 0.5, 'fraction': 0.5}
-    (tmp_path / 'two.yaml').write_text(
-        yaml.safe_dump(_raw(tmp_path, 4, 17, coupling))
+    # every batch carries copies, so every epoch has both penalties on rank 0
+    coupling = {'anchor': 'low', 'energy': 1.0, 'force': 0.5, 'fraction': 1.0}
+    raw = _raw(tmp_path, 4, 17, coupling)
+    # fidelity layers in the convolutions too: with the one-hot output block
+    # alone the heads differ by a constant per atom, and there is no force gap
+    raw['model'].update(
+        use_modal_self_inter_intro=True,
+        use_modal_self_inter_outro=True,
+        use_modal_output_block=True,
     )
+    (tmp_path / 'two.yaml').write_text(yaml.safe_dump(raw))
     _run(
         [
             sys.executable,
@@ -246,7 +257,10 @@ def test_function_space_coupling_runs_under_ddp(tmp_path):
     log = (tmp_path / 'two' / 'log.sevenn_mf').read_text()
     lines = [ln for ln in log.splitlines() if ln.startswith('coupling penalties')]
     assert len(lines) == EPOCHS
-    assert all('energy' in ln and 'force' in ln for ln in lines)
+    for ln in lines:
+        values = dict(part.split() for part in ln.split(': ', 1)[1].split(', '))
+        assert sorted(values) == ['energy', 'force'], ln
+        assert float(values['force']) > 0 and float(values['energy']) >= 0, ln
     rows = _rows(tmp_path / 'two' / 'metrics.csv')
     assert all(
         float(r['force_rmse']) == float(r['force_rmse']) for r in rows

@@ -41,6 +41,11 @@ def test_layers_replaced_at_configured_positions(mode):
     assert all(m.mode == mode for m in fidelity_layers(model).values())
     cfg_all = small_config(mode, all_positions=True)
     assert 'onehot_to_feature_x' in fidelity_layers(perturbed_model(cfg_all))
+    # the default when a YAML names no position: the output block only
+    default = small_config(mode, positions=None)
+    assert sorted(fidelity_layers(perturbed_model(default))) == [
+        'reduce_input_to_hidden'
+    ]
 
 
 @pytest.mark.parametrize('mode', MODES)
