@@ -611,12 +611,16 @@ def check_config(config: Dict[str, Any], training: bool = False) -> None:
         raise ConfigError(str(exc)) from None
 
 
-# Fidelity-dependent layers when the YAML names none: the output block only.
-# Measured (docs/benchmarks.md, "Choosing the recipe"): with sevenn's MF-0
-# positions (self-interaction intro / outro too) the high-fidelity head drifts
-# from the low-fidelity one where only low-fidelity data is; the output block
-# alone carries the fidelity difference with less freedom to drift.
-_DEFAULT_POSITIONS = (KEY.USE_MODAL_OUTPUT_BLOCK,)
+# Fidelity-dependent layers when the YAML names none: SevenNet-MF-0's. The
+# output block alone is not enough: it is two linear layers, so one-hot
+# fidelity input there shifts every atom's energy by the same constant, and a
+# head can learn no geometry-dependent fidelity difference (nor can coupling
+# act on it). Measured in docs/benchmarks.md ("Choosing the recipe").
+_DEFAULT_POSITIONS = (
+    KEY.USE_MODAL_SELF_INTER_INTRO,
+    KEY.USE_MODAL_SELF_INTER_OUTRO,
+    KEY.USE_MODAL_OUTPUT_BLOCK,
+)
 
 
 def _native_modal_databases(data: Dict[str, Any]) -> List[Dict[str, Any]]:

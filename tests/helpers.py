@@ -27,7 +27,8 @@ def small_config(
 ):
     """``positions='mf0'``: SevenNet-MF-0's fidelity-dependent layers (self
     interaction intro / outro and output block: the numerical checks then see
-    several fidelity layers); ``None``: sevenn_mf's default."""
+    several fidelity layers); ``'output'``: the output block only; ``None``:
+    sevenn_mf's default."""
     raw = {
         'model': {
             'chemical_species': list(species),
@@ -50,6 +51,12 @@ def small_config(
         raw['model'].update(
             use_modal_self_inter_intro=True,
             use_modal_self_inter_outro=True,
+            use_modal_output_block=True,
+        )
+    elif positions == 'output':
+        raw['model'].update(
+            use_modal_self_inter_intro=False,
+            use_modal_self_inter_outro=False,
             use_modal_output_block=True,
         )
     if all_positions:

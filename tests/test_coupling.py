@@ -264,7 +264,11 @@ def test_settings_errors():
 
 @pytest.mark.parametrize(
     'mode,positions,constant',
-    [('onehot', None, True), ('onehot', 'mf0', False), ('indexed', None, False)],
+    [
+        ('onehot', 'output', True),
+        ('onehot', None, False),
+        ('indexed', 'output', False),
+    ],
 )
 def test_heads_that_can_only_differ_by_a_constant_are_detected(
     mode, positions, constant, lf_graphs

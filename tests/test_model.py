@@ -41,11 +41,15 @@ def test_layers_replaced_at_configured_positions(mode):
     assert all(m.mode == mode for m in fidelity_layers(model).values())
     cfg_all = small_config(mode, all_positions=True)
     assert 'onehot_to_feature_x' in fidelity_layers(perturbed_model(cfg_all))
-    # the default when a YAML names no position: the output block only
+    # the default when a YAML names no position: SevenNet-MF-0's
     default = small_config(mode, positions=None)
-    assert sorted(fidelity_layers(perturbed_model(default))) == [
-        'reduce_input_to_hidden'
-    ]
+    mf0 = fidelity_layers(perturbed_model(small_config(mode)))
+    assert sorted(fidelity_layers(perturbed_model(default))) == sorted(mf0)
+    assert {name.split('_', 1)[-1] for name in mf0} == {
+        'input_to_hidden',
+        'self_interaction_1',
+        'self_interaction_2',
+    }
 
 
 @pytest.mark.parametrize('mode', MODES)

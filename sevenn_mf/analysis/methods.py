@@ -79,6 +79,7 @@ LEGACY_POSITIONS = (
     'use_modal_self_inter_outro',
     'use_modal_output_block',
 )
+POSITION_KEYS = LEGACY_POSITIONS + ('use_modal_node_embedding',)
 # train-section keys read here (METHOD_KEYS; removed before sevenn's parser
 # sees the YAML), TRANSFER_KEYS and DELTA_KEYS: defined with the other known
 # keys in sevenn_mf.config
@@ -516,6 +517,13 @@ def stage_raw(
         train.update(copy.deepcopy(train_extra))
     if mode is not None:
         model['fidelity_layer_mode'] = mode
+    if len(fids) == 1:
+        # one fidelity, one head: where the heads of a multi-fidelity model
+        # would differ does not apply, so single-fidelity stages (hf-only, the
+        # LF model of transfer and delta, delta's correction) are built with
+        # sevenn_mf's defaults and do not change when the MF recipe does
+        for k in POSITION_KEYS + ('fidelity_layer_mode',):
+            model.pop(k, None)
     chem = model.get('chemical_species', 'auto')
     if isinstance(chem, str) and chem.lower() == 'auto':
         model['chemical_species'] = mi.species()
