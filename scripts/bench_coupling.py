@@ -39,7 +39,7 @@ def main() -> None:
     recipe = base['train'].get('coupling') or {}
     variants = {
         'none': {},
-        'parameter': {'parameter': 1.0},
+        'parameter': {'parameter': 1.0, 'energy': 0, 'force': 0},
         'function, 0.5 of batches': {'energy': 1.0, 'force': 1.0, 'fraction': 0.5},
         'function, every batch': {'energy': 1.0, 'force': 1.0, 'fraction': 1.0},
     }
