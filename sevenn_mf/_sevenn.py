@@ -195,6 +195,28 @@ def install_hooks(fidelity_layer=None) -> None:
             )
     _register_config_keys()
     _model_build.patch_modality = patch_fidelity_layers
+    if not getattr(CONST.model_defaults, '_sevenn_mf', False):
+        CONST.model_defaults = _model_defaults_on_a_copy
+
+
+_sevenn_model_defaults = CONST.model_defaults
+
+
+def _model_defaults_on_a_copy(config: Dict[str, Any]) -> Dict[str, Any]:
+    """sevenn 0.13's ``model_defaults`` pops the readout-FCN keys from the
+    global default model config whenever a checkpoint without an FCN readout
+    is loaded, so every config parsed later in the same process lacks them:
+    a run's fingerprint then depends on whether the process had loaded a
+    checkpoint before (a learning curve's second run could not be resumed in
+    a new process). Same result, the global table left as it was."""
+    saved = dict(CONST.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG)
+    try:
+        return dict(_sevenn_model_defaults(config))
+    finally:
+        CONST.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG.update(saved)
+
+
+_model_defaults_on_a_copy._sevenn_mf = True  # type: ignore[attr-defined]
 
 
 def is_fidelity_config(config: Dict[str, Any]) -> bool:

@@ -153,3 +153,22 @@ def test_early_stopping_options_are_checked_before_training(tmp_path):
         with pytest.raises(ValueError, match=msg):
             train(_config(tmp_path, raw), str(tmp_path / 'x'), screen=False)
         assert not (tmp_path / 'x' / 'checkpoint_last.pth').exists()
+
+
+def test_loading_a_checkpoint_leaves_the_next_runs_config_alone(tmp_path):
+    """sevenn 0.13's checkpoint loader pops keys from its global default
+    model config; a run's fingerprint must not depend on whether the process
+    loaded a checkpoint before (else a run started after one, e.g. the second
+    run of a learning curve, cannot be resumed in a new process)."""
+    import sevenn._const as C
+    from sevenn.checkpoint import SevenNetCheckpoint
+
+    from sevenn_mf.resume import fingerprint
+
+    before = fingerprint(_config(tmp_path, _raw(tmp_path, epochs=1)))
+    table = dict(C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG)
+    train(_config(tmp_path, _raw(tmp_path, epochs=1)), str(tmp_path / 'a'))
+    cp = SevenNetCheckpoint(str(tmp_path / 'a' / 'checkpoint_last.pth'))
+    assert cp.config  # sevenn's own config routine ran
+    assert dict(C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG) == table
+    assert fingerprint(_config(tmp_path, _raw(tmp_path, epochs=1))) == before
