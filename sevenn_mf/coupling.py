@@ -20,10 +20,8 @@ terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
   predictions are the target, and the penalty's gradient goes to the coupled
   head's own fidelity-dependent parameters only: the HF head learns to follow
   the anchor where only the anchor has labels, while neither the anchor head
-  nor the shared representation is pulled towards a fit of the HF head (a
-  first version that let the penalty reach the shared layers degraded the LF
-  head: docs/benchmarks.md). A structure labelled at one fidelity then
-  teaches every head.
+  nor the shared representation is pulled towards a fit of the HF head. A
+  structure labelled at one fidelity then teaches every head.
 * **parameter space** (``parameter``, a number or ``{fidelity: number}``): an
   L2 penalty, the mean over entries, on the fidelity-dependent parameters'
   deviation from the anchor's: ``indexed`` layers ΔW_f - ΔW_a and Δb_f - Δb_a;
@@ -53,8 +51,8 @@ KEYS = ('anchor', 'fidelities', 'parameter', 'energy', 'force', 'stress', 'fract
 # Coupling is off unless train.coupling is given; given (``coupling: true``
 # or a mapping), the options default to the measured recipe (extrapolation
 # validation on the InGaN and ethanol training pools, docs/benchmarks.md):
-# function space on half the batches, energy and force weight 1, no
-# parameter penalty (it did not help there).
+# function space on half the batches, energy and force weight 1; the
+# parameter penalty stays off (it was not part of that selection).
 DEFAULTS = {
     'anchor': None,
     'fidelities': None,
@@ -302,14 +300,8 @@ class CouplingLoss:
         self.steps = 0
         # the terms the settings switch on, logged each epoch even when zero
         # (an epoch may have drawn no batch with copies)
-        self.terms = [
-            k
-            for k in ('parameter',) + FUNCTION_WEIGHTS
-            if (
-                settings.parameter_space
-                if k == 'parameter'
-                else getattr(settings, k) > 0
-            )
+        self.terms = ['parameter'] * settings.parameter_space + [
+            k for k in FUNCTION_WEIGHTS if getattr(settings, k) > 0
         ]
 
     def _crit(self, x: torch.Tensor) -> torch.Tensor:
