@@ -48,6 +48,7 @@ from .statistics import (
     fill_statistics,
     label_warnings,
     leak_pairs,
+    stress_slope_warning,
     summarize,
 )
 
@@ -293,6 +294,7 @@ def _memory_sources(
     for part in (frames, vframes):
         for fs in part.values():
             validate_frames(fs, species=known)
+    stress_trained = float(config.get(KEY.STRESS_WEIGHT, 1.0) or 0.0) > 0
     for spec in specs:
         fs = frames[spec.name] + vframes.get(spec.name, [])
         check_energy_outliers(
@@ -301,6 +303,9 @@ def _memory_sources(
             [f.energy for f in fs],
             lambda i, fs=fs: fs[i].where,
         )
+        line = stress_trained and stress_slope_warning(spec, fs)
+        if line:
+            warnings.warn(line, stacklevel=3)
     if auto:
         numbers = {
             int(z)

@@ -339,6 +339,123 @@ def check_energy_outliers(
     raise DataError(msg)
 
 
+# A stress label is (1/V) dE/de, so its hydrostatic part must match how the
+# energy changes with volume between structures of one composition. Labels
+# from a code run with another sign convention, or with a broken stress, fit
+# against the energies and cost the energy fit (the InGaN PBE pool:
+# docs/benchmarks.md, "InGaN stress labels").
+STRESS_SLOPE_MIN_FRAMES = 8
+STRESS_SLOPE_SIGMAS = 4.0
+
+
+def stress_slope_mismatch(
+    numbers: Sequence[Any],
+    energies: Sequence[float],
+    volumes: Sequence[float],
+    hydrostatic: Sequence[float],
+    force_sq: Optional[Sequence[float]] = None,
+) -> Optional[Dict[str, float]]:
+    """Compare the energies' volume slope with the stress labels.
+
+    Per composition with at least ``STRESS_SLOPE_MIN_FRAMES`` structures and a
+    volume spread, the energy per atom is fitted as a + b V/N (+ c |F|^2/N
+    when ``force_sq``, the sum of squared forces per atom, is given: it absorbs
+    most of the energy of displaced atoms, which is not a volume effect). The
+    slopes b are combined by inverse variance, as are the mean hydrostatic
+    stresses s = trace(sigma)/3 (ASE sign, eV/A^3: s = dE/dV). Returns the
+    numbers when b and s have opposite signs and both are more than
+    ``STRESS_SLOPE_SIGMAS`` standard errors from zero, else None.
+    """
+    groups: Dict[tuple, List[int]] = {}
+    for i, z in enumerate(numbers):
+        zs, counts = np.unique(np.asarray(z).reshape(-1), return_counts=True)
+        groups.setdefault((tuple(zs), tuple(counts)), []).append(i)
+    slopes, stresses = [], []
+    for idx in groups.values():
+        if len(idx) < STRESS_SLOPE_MIN_FRAMES:
+            continue
+        n = np.array([len(np.asarray(numbers[i]).reshape(-1)) for i in idx], float)
+        v = np.asarray([volumes[i] for i in idx], float) / n
+        e = np.asarray([energies[i] for i in idx], float) / n
+        s = np.asarray([hydrostatic[i] for i in idx], float)
+        if v.std() < 1e-3 * abs(v.mean()):
+            continue
+        cols = [np.ones_like(v), v - v.mean()]
+        if force_sq is not None:
+            cols.append(np.asarray([force_sq[i] for i in idx], float))
+        a = np.stack(cols, axis=1)
+        dof = len(idx) - a.shape[1]
+        if dof < 2:
+            continue
+        coef, *_ = np.linalg.lstsq(a, e, rcond=None)
+        r = e - a @ coef
+        try:
+            cov = np.linalg.inv(a.T @ a) * (r @ r / dof)
+        except np.linalg.LinAlgError:
+            continue
+        slopes.append((coef[1], cov[1, 1]))
+        stresses.append((s.mean(), s.var(ddof=1) / len(s)))
+    if not slopes:
+        return None
+
+    def pooled(items):
+        w = np.array([1.0 / max(var, 1e-30) for _, var in items])
+        x = np.array([m for m, _ in items])
+        return float((w * x).sum() / w.sum()), float(np.sqrt(1.0 / w.sum()))
+
+    b, b_se = pooled(slopes)
+    s, s_se = pooled(stresses)
+    k = STRESS_SLOPE_SIGMAS
+    if b * s < 0 and abs(b) > k * b_se and abs(s) > k * s_se:
+        return {
+            'slope': b,
+            'slope_se': b_se,
+            'stress': s,
+            'stress_se': s_se,
+            'compositions': len(slopes),
+        }
+    return None
+
+
+def stress_slope_warning(spec: DatabaseSpec, frames: Sequence[Any]) -> Optional[str]:
+    """One line when the stress labels of ``frames`` (:class:`Frame` of one
+    database) contradict their energies (:func:`stress_slope_mismatch`);
+    frames without energy, stress or a periodic cell are left out."""
+    use = [
+        f
+        for f in frames
+        if f.atoms is not None
+        and f.present.get('energy')
+        and f.present.get('stress')
+        and all(f.atoms.pbc)
+    ]
+    if len(use) < STRESS_SLOPE_MIN_FRAMES or spec.weight.get('stress', 1.0) == 0:
+        return None
+    has_f = all(f.present.get('force') for f in use)
+    found = stress_slope_mismatch(
+        [f.numbers for f in use],
+        [f.energy for f in use],
+        [f.atoms.get_volume() for f in use],
+        # sevenn stores -sigma (ASE sign) in y_stress
+        [-float(np.mean(f.stress[:3])) for f in use],
+        [float((f.forces**2).sum()) / len(f.atoms) for f in use] if has_f else None,
+    )
+    if found is None:
+        return None
+    rising = found['slope'] > 0
+    return (
+        f"database '{spec.name}' ({_files_of(spec)}): its stress labels contradict "
+        f'its energies: between structures of the same composition the energy per '
+        f'atom {"rises" if rising else "falls"} with volume (dE/dV = '
+        f'{found["slope"]:+.3g} +- {found["slope_se"]:.2g} eV/A^3 over '
+        f'{found["compositions"]} composition(s)), while the stresses say it '
+        f'{"falls" if rising else "rises"} (mean trace/3 = '
+        f"{found['stress']:+.3g} eV/A^3 in ASE's sign, where it equals dE/dV). "
+        'Fitting both costs the energy fit: check the stress sign and units of the '
+        'code that wrote them, or set weight: {stress: 0} in its entry'
+    )
+
+
 def leak_pairs(
     train_hashes: Sequence[int], valid_hashes: Sequence[int]
 ) -> List[tuple]:

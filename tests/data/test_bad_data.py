@@ -27,6 +27,7 @@ from sevenn_mf.config import config_from_dict
 from sevenn_mf.data.databases import DataError, parse_databases, read_frames
 from sevenn_mf.data.dataset import prepare_data
 from sevenn_mf.data.references import energy_outliers
+from sevenn_mf.data.statistics import stress_slope_mismatch
 
 STORAGES = ['memory', 'lmdb']
 N_ATOMS = 4
@@ -465,3 +466,95 @@ def test_cli_logs_label_summary(tmp_path, capsys):
     head = lines.index('labels (structures with energy / forces / stress):')
     row = next(r for r in lines[head:] if r.strip().startswith('b '))
     assert '4 structures: energy 4, forces 0, stress 0; species Cu Ni' in row
+
+
+# ---- 4. stress labels that contradict the energies ---------------------------
+def compressed_cu(n, seed=0, stress_sign=1.0):
+    """Pure Cu cells compressed by 1-4 % (EMT): the energy falls with volume
+    and the stress (ASE sign, = dE/dV) is negative; ``stress_sign=-1`` writes
+    the stresses of a code with the other sign convention."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        a = bulk('Cu', 'fcc', a=rng.uniform(3.45, 3.55), cubic=True)
+        a.positions += rng.normal(0, 0.05, a.positions.shape)
+        a.calc = EMT()
+        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
+        a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=stress_sign * s)
+        out.append(a)
+    return out
+
+
+def _stress_lines(record):
+    return [
+        str(w.message)
+        for w in record
+        if 'stress labels contradict' in str(w.message)
+    ]
+
+
+def test_stress_slope_of_consistent_labels_matches():
+    frames = compressed_cu(16)
+    args = (
+        [a.numbers for a in frames],
+        [a.get_potential_energy() for a in frames],
+        [a.get_volume() for a in frames],
+    )
+    s = [a.get_stress()[:3].mean() for a in frames]
+    f2 = [(a.get_forces() ** 2).sum() / len(a) for a in frames]
+    assert np.mean(s) < -0.05  # compressed: a real signal to contradict
+    assert stress_slope_mismatch(*args, s, f2) is None
+    found = stress_slope_mismatch(*args, [-x for x in s], f2)
+    assert found is not None and found['compositions'] == 1
+    assert found['slope'] < 0 < found['stress']
+    # the energies' own slope is the stress they imply, within its error
+    assert abs(found['slope'] - np.mean(s)) < 4 * found['slope_se'] + 0.02
+
+
+def test_stress_contradicting_energies_warned(tmp_path):
+    path = write(tmp_path / 'flipped.extxyz', compressed_cu(16, stress_sign=-1.0))
+    write(tmp_path / 'good.extxyz', compressed_cu(16, seed=1))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        prepare(tmp_path, [db('flipped.extxyz', name='flipped')])
+    lines = _stress_lines(record)
+    assert len(lines) == 1, lines
+    assert f"database 'flipped' ({path})" in lines[0]
+    assert 'energy per atom falls with volume' in lines[0]
+    assert 'weight: {stress: 0}' in lines[0]
+    # consistent labels, a database that does not train stress, or a run that
+    # does not: nothing said
+    quiet = [
+        ([db('good.extxyz', name='good')], {}),
+        ([db('flipped.extxyz', name='flipped', weight={'stress': 0})], {}),
+        ([db('flipped.extxyz', name='flipped')], {'stress_loss_weight': 0.0}),
+    ]
+    for dbs, train in quiet:
+        raw = raw_config(dbs)
+        raw['train'].update(train)
+        cfg = config_from_dict(raw, base_dir=str(tmp_path))
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter('always')
+            prepare_data(cfg, str(tmp_path / 'run'), log=lambda s: None)
+        assert not _stress_lines(record), (dbs, train)
+
+
+def test_real_ingan_pbe_stress_flagged(shared_data, tmp_path):
+    """The project's InGaN PBE pool: its stresses say the energy rises with
+    volume, its energies that it falls (docs/benchmarks.md, "InGaN stress
+    labels"). A training run on it says so, naming the database."""
+    pool = shared_data / 'ingan' / 'lf_train_pbe.extxyz'
+    frames = read_frames(pool)
+    found = stress_slope_mismatch(
+        [f.numbers for f in frames],
+        [f.energy for f in frames],
+        [f.atoms.get_volume() for f in frames],
+        [-f.stress[:3].mean() for f in frames],
+        [(f.forces**2).sum() / len(f.numbers) for f in frames],
+    )
+    assert found is not None and found['compositions'] == 5
+    assert found['slope'] < 0 < found['stress']
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter('always')
+        prepare(tmp_path, [db(str(pool), name='pbe_all_x')])
+    assert len(_stress_lines(record)) == 1
