@@ -303,7 +303,8 @@ def _memory_sources(
             [f.energy for f in fs],
             lambda i, fs=fs: fs[i].where,
         )
-        line = stress_trained and stress_slope_warning(spec, fs)
+        trains_stress = stress_trained and spec.weight['stress'] > 0
+        line = trains_stress and stress_slope_warning(spec, fs)
         if line:
             warnings.warn(line, stacklevel=3)
     if auto:

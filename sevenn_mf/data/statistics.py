@@ -420,7 +420,8 @@ def stress_slope_mismatch(
 def stress_slope_warning(spec: DatabaseSpec, frames: Sequence[Any]) -> Optional[str]:
     """One line when the stress labels of ``frames`` (:class:`Frame` of one
     database) contradict their energies (:func:`stress_slope_mismatch`);
-    frames without energy, stress or a periodic cell are left out."""
+    frames without energy, stress or a periodic cell are left out. For
+    databases whose stress is trained (the caller knows)."""
     use = [
         f
         for f in frames
@@ -429,7 +430,7 @@ def stress_slope_warning(spec: DatabaseSpec, frames: Sequence[Any]) -> Optional[
         and f.present.get('stress')
         and all(f.atoms.pbc)
     ]
-    if len(use) < STRESS_SLOPE_MIN_FRAMES or spec.weight.get('stress', 1.0) == 0:
+    if len(use) < STRESS_SLOPE_MIN_FRAMES:
         return None
     has_f = all(f.present.get('force') for f in use)
     found = stress_slope_mismatch(

@@ -44,11 +44,16 @@ def emt_cells(n, seed=0, symbols=('Cu', 'Ni')):
         a = bulk('Cu', 'fcc', a=3.6, cubic=True)
         a.set_chemical_symbols(rng.choice(list(symbols), size=len(a)))
         a.positions += rng.normal(0, 0.05, a.positions.shape)
-        a.calc = EMT()
-        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
-        a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=s)
-        out.append(a)
+        out.append(emt_labelled(a))
     return out
+
+
+def emt_labelled(a, stress_sign=1.0):
+    """``a`` with its EMT energy, forces and ``stress_sign`` x stress stored."""
+    a.calc = EMT()
+    e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
+    a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=stress_sign * s)
+    return a
 
 
 def write(path, frames):
@@ -478,10 +483,7 @@ def compressed_cu(n, seed=0, stress_sign=1.0):
     for _ in range(n):
         a = bulk('Cu', 'fcc', a=rng.uniform(3.45, 3.55), cubic=True)
         a.positions += rng.normal(0, 0.05, a.positions.shape)
-        a.calc = EMT()
-        e, f, s = a.get_potential_energy(), a.get_forces(), a.get_stress()
-        a.calc = SinglePointCalculator(a, energy=e, forces=f, stress=stress_sign * s)
-        out.append(a)
+        out.append(emt_labelled(a, stress_sign))
     return out
 
 
