@@ -48,6 +48,7 @@ from .statistics import (
     fill_statistics,
     label_warnings,
     leak_pairs,
+    stress_slope_line,
     stress_slope_warning,
     summarize,
 )
@@ -294,7 +295,6 @@ def _memory_sources(
     for part in (frames, vframes):
         for fs in part.values():
             validate_frames(fs, species=known)
-    stress_trained = float(config.get(KEY.STRESS_WEIGHT, 1.0) or 0.0) > 0
     for spec in specs:
         fs = frames[spec.name] + vframes.get(spec.name, [])
         check_energy_outliers(
@@ -303,8 +303,7 @@ def _memory_sources(
             [f.energy for f in fs],
             lambda i, fs=fs: fs[i].where,
         )
-        trains_stress = stress_trained and spec.weight['stress'] > 0
-        line = trains_stress and stress_slope_warning(spec, fs)
+        line = trains_stress(config, spec) and stress_slope_warning(spec, fs)
         if line:
             warnings.warn(line, stacklevel=3)
     if auto:
@@ -413,11 +412,35 @@ def _store_sources(
                 main.where(i) if i < len(main) else valid.where(i - len(main))
             ),
         )
+        if trains_stress(config, spec):
+            line = _store_stress_line(spec, parts)
+            if line:
+                warnings.warn(line, stacklevel=3)
         sources[spec.name] = (
             source(main, take),
             source(valid, take) if valid is not None else None,
         )
     return sources
+
+
+def trains_stress(config: Dict[str, Any], spec: DatabaseSpec) -> bool:
+    """Whether the run fits this database's stress labels (the one place
+    that decides whether its stress labels are checked against its energies)."""
+    return float(config.get(KEY.STRESS_WEIGHT, 1.0) or 0.0) > 0 and (
+        spec.weight['stress'] > 0
+    )
+
+
+def _store_stress_line(spec: DatabaseSpec, stores) -> Optional[str]:
+    parts = [st.stress_slope_inputs() for st in stores]
+    merged = {
+        k: [v for p in parts for v in p[k]] for k in parts[0] if k != 'force_sq'
+    }
+    fsq = [p['force_sq'] for p in parts]
+    merged['force_sq'] = (
+        None if any(f is None for f in fsq) else [v for f in fsq for v in f]
+    )
+    return stress_slope_line(spec, **merged)
 
 
 def _set_species(config: Dict[str, Any], numbers) -> None:

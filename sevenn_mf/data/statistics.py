@@ -430,10 +430,9 @@ def stress_slope_warning(spec: DatabaseSpec, frames: Sequence[Any]) -> Optional[
         and f.present.get('stress')
         and all(f.atoms.pbc)
     ]
-    if len(use) < STRESS_SLOPE_MIN_FRAMES:
-        return None
-    has_f = all(f.present.get('force') for f in use)
-    found = stress_slope_mismatch(
+    has_f = bool(use) and all(f.present.get('force') for f in use)
+    return stress_slope_line(
+        spec,
         [f.numbers for f in use],
         [f.energy for f in use],
         [f.atoms.get_volume() for f in use],
@@ -441,6 +440,22 @@ def stress_slope_warning(spec: DatabaseSpec, frames: Sequence[Any]) -> Optional[
         [-float(np.mean(f.stress[:3])) for f in use],
         [float((f.forces**2).sum()) / len(f.atoms) for f in use] if has_f else None,
     )
+
+
+def stress_slope_line(
+    spec: DatabaseSpec,
+    numbers: Sequence[Any],
+    energies: Sequence[float],
+    volumes: Sequence[float],
+    hydrostatic: Sequence[float],
+    force_sq: Optional[Sequence[float]] = None,
+) -> Optional[str]:
+    """The warning of :func:`stress_slope_warning` from the numbers alone
+    (periodic structures with energy and stress only): what an on-disk store
+    keeps of each structure is enough."""
+    if len(numbers) < STRESS_SLOPE_MIN_FRAMES:
+        return None
+    found = stress_slope_mismatch(numbers, energies, volumes, hydrostatic, force_sq)
     if found is None:
         return None
     rising = found['slope'] > 0

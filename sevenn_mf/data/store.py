@@ -68,7 +68,9 @@ from .graphs import atoms_to_graph_dict, normalize_weight
 from .statistics import GraphSummary, summarize, summary_of
 
 # Bump when the stored value layout or the metadata changes.
-STORE_FORMAT_VERSION = 2  # 2: structure hashes, label key candidates
+STORE_FORMAT_VERSION = (
+    3  # 2: structure hashes, label key candidates; 3: volume, stress trace
+)
 CHUNK = 512  # frames per worker round trip and per write transaction
 DEFAULT_MAX_MAPPED_BYTES = 64 << 20
 _META, _SUMMARY = b'__meta__', b'__summary__'
@@ -91,6 +93,9 @@ def _key(i: int) -> bytes:
 
 
 # ---- summaries -----------------------------------------------------------------
+_CELL_COLUMNS = ('volume', 'hydrostatic')  # of _cell_terms, not of GraphSummary
+
+
 class _SummaryColumns:
     def __init__(self) -> None:
         self.z = array('h')
@@ -105,15 +110,22 @@ class _SummaryColumns:
                 ('n_edges', 'q'),
                 ('n_atoms', 'q'),
                 ('stress_ok', 'b'),
+                ('volume', 'd'),
+                ('hydrostatic', 'd'),
             )
         }
 
-    def add(self, s: GraphSummary, structure_hash: int) -> None:
+    def add(
+        self, s: GraphSummary, structure_hash: int, cell: Sequence[float]
+    ) -> None:
         self.hash.append(structure_hash)
+        for k, v in zip(_CELL_COLUMNS, cell):
+            self.cols[k].append(v)
         self.z.extend(int(v) for v in s.numbers)
         self.offsets.append(len(self.z))
         for k, col in self.cols.items():
-            col.append(getattr(s, k))
+            if k not in _CELL_COLUMNS:
+                col.append(getattr(s, k))
 
     def to_arrays(self) -> Dict[str, np.ndarray]:
         out = {
@@ -195,12 +207,39 @@ def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def _cell_terms(frame: Frame) -> tuple:
+    """(volume, ASE-sign mean stress trace) of a periodic structure with an
+    energy and a stress label, else NaNs: what the stress-label check
+    (:func:`sevenn_mf.data.statistics.stress_slope_line`) needs later."""
+    nan = (float('nan'), float('nan'))
+    p = frame.present
+    if not (p.get('energy') and p.get('stress')):
+        return nan
+    if frame.atoms is not None:
+        if not all(frame.atoms.pbc):
+            return nan
+        volume = float(frame.atoms.get_volume())
+    else:  # a pre-built graph: no pbc flag, a zero volume means no cell
+        volume = float(_volume_of(frame.graph))
+    if not np.isfinite(volume) or volume <= 0:
+        return nan
+    # sevenn stores -sigma (ASE sign) in y_stress
+    return volume, -float(np.mean(frame.stress[:3]))
+
+
+def _volume_of(graph) -> float:
+    try:
+        return float(np.asarray(graph[KEY.CELL_VOLUME]).reshape(-1)[0])
+    except (KeyError, IndexError, TypeError):
+        return float('nan')
+
+
 def _process(frame: Frame, cutoff: float):
-    """Worker: (problems, pickled value, summary, structure hash) of one
-    frame."""
+    """Worker: (problems, pickled value, summary, structure hash, cell
+    terms) of one frame."""
     problems = list(frame_problems(frame, None, _MIN_DISTANCE))
     if problems:
-        return problems, None, None, None
+        return problems, None, None, None, None
     info = {'file': frame.file, 'frame': int(frame.index)}
     try:
         if frame.graph is not None:
@@ -210,6 +249,7 @@ def _process(frame: Frame, cutoff: float):
                         f'{frame.where}: pre-built graph has cutoff {frame.cutoff}, '
                         f'not {cutoff}; rebuild it from the structures'
                     ],
+                    None,
                     None,
                     None,
                     None,
@@ -239,9 +279,10 @@ def _process(frame: Frame, cutoff: float):
             None,
             None,
             None,
+            None,
         )
     blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return [], blob, summary, frame_hash(frame)
+    return [], blob, summary, frame_hash(frame), _cell_terms(frame)
 
 
 def _raise_problems(problems: List[str], total: int) -> None:
@@ -308,13 +349,13 @@ def build_store(
             else:
                 results = (_process(f, cutoff) for f in chunk)
             values = []
-            for frame, (probs, value, summary, h) in zip(chunk, results):
+            for frame, (probs, value, summary, h, cell) in zip(chunk, results):
                 if probs:
                     n_problems += len(probs)
                     problems.extend(probs[: _MAX_REPORTED - len(problems)])
                     continue
                 values.append(value)
-                columns.add(summary, h)
+                columns.add(summary, h, cell)
                 for label, keys in label_candidates(frame).items():
                     known = candidates.setdefault(label, [])
                     known.extend(k for k in keys if k not in known)
@@ -549,6 +590,28 @@ class GraphStore:
     @property
     def label_candidates(self) -> Dict[str, List[str]]:
         return dict(self.meta.get('label_candidates') or {})
+
+    def stress_slope_inputs(self) -> Dict[str, Any]:
+        """The structures the stress-label check can use (periodic, energy
+        and stress labelled), as the arguments of
+        :func:`sevenn_mf.data.statistics.stress_slope_line`."""
+        s = self._summary
+        use = np.nonzero(
+            np.isfinite(s['volume'])
+            & np.isfinite(s['hydrostatic'])
+            & np.isfinite(s['energy'])
+        )[0]
+        off = s['offsets']
+        has_f = bool(len(use)) and bool((s['fcount'][use] > 0).all())
+        return {
+            'numbers': [s['z'][off[i] : off[i + 1]] for i in use],
+            'energies': s['energy'][use].tolist(),
+            'volumes': s['volume'][use].tolist(),
+            'hydrostatic': s['hydrostatic'][use].tolist(),
+            'force_sq': (s['fsq'][use] / s['n_atoms'][use]).tolist()
+            if has_f
+            else None,
+        }
 
     def summaries(
         self, indices: Optional[Sequence[int]] = None

@@ -513,12 +513,15 @@ def test_stress_slope_of_consistent_labels_matches():
     assert abs(found['slope'] - np.mean(s)) < 4 * found['slope_se'] + 0.02
 
 
-def test_stress_contradicting_energies_warned(tmp_path):
+@pytest.mark.parametrize('storage', STORAGES)
+def test_stress_contradicting_energies_warned(tmp_path, storage):
+    """In memory from the frames, from an on-disk store from its summaries
+    (volume and stress trace are stored with each structure)."""
     path = write(tmp_path / 'flipped.extxyz', compressed_cu(16, stress_sign=-1.0))
     write(tmp_path / 'good.extxyz', compressed_cu(16, seed=1))
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter('always')
-        prepare(tmp_path, [db('flipped.extxyz', name='flipped')])
+        prepare(tmp_path, [db('flipped.extxyz', name='flipped')], storage)
     lines = _stress_lines(record)
     assert len(lines) == 1, lines
     assert f"database 'flipped' ({path})" in lines[0]
@@ -532,7 +535,7 @@ def test_stress_contradicting_energies_warned(tmp_path):
         ([db('flipped.extxyz', name='flipped')], {'stress_loss_weight': 0.0}),
     ]
     for dbs, train in quiet:
-        raw = raw_config(dbs)
+        raw = raw_config(dbs, storage)
         raw['train'].update(train)
         cfg = config_from_dict(raw, base_dir=str(tmp_path))
         with warnings.catch_warnings(record=True) as record:
@@ -541,7 +544,8 @@ def test_stress_contradicting_energies_warned(tmp_path):
         assert not _stress_lines(record), (dbs, train)
 
 
-def test_real_ingan_pbe_stress_flagged(shared_data, tmp_path):
+@pytest.mark.parametrize('storage', STORAGES)
+def test_real_ingan_pbe_stress_flagged(shared_data, tmp_path, storage):
     """The project's InGaN PBE pool: its stresses say the energy rises with
     volume, its energies that it falls (docs/benchmarks.md, "InGaN stress
     labels"). A training run on it says so, naming the database."""
@@ -558,5 +562,8 @@ def test_real_ingan_pbe_stress_flagged(shared_data, tmp_path):
     assert found['slope'] < 0 < found['stress']
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter('always')
-        prepare(tmp_path, [db(str(pool), name='pbe_all_x')])
-    assert len(_stress_lines(record)) == 1
+        prepare(tmp_path, [db(str(pool), name='pbe_all_x')], storage)
+    lines = _stress_lines(record)
+    assert len(lines) == 1
+    # the same fit from the store's summaries as from the frames
+    assert f'{found["slope"]:+.3g} +- {found["slope_se"]:.2g} eV/A^3' in lines[0]
