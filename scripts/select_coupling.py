@@ -11,6 +11,11 @@ by region instead, the way the real task is: one part trains, the other part
 
 * ``--split x_In``: InGaN. HF trains at x = 0 (GaN cells) and is scored at
   x = 1 (InN), which only the LF (PBE) pool covers besides.
+* ``--split strain``: periodic solids. Per composition, the quarter of the
+  HF cells whose volume per atom lies furthest from that composition's median
+  is scored; the rest trains. The LF pool covers those volumes; the held-out
+  part asks whether the HF head follows how the HF - LF difference changes
+  with volume (for GGA -> meta-GGA it does: r2SCAN binds tighter).
 * ``--split distortion``: molecules. HF structures are ranked by their RMS
   bond-length deviation from the first structure's bonds (a geometric
   measure: no label is used); the most distorted quarter is scored, the rest
@@ -59,11 +64,24 @@ def split_pool(pool, how: str):
     if how == 'x_In':
         x = np.array([float(a.info['x_In']) for a in atoms])
         return list(np.flatnonzero(x == x.min())), list(np.flatnonzero(x == x.max()))
+    if how == 'strain':
+        # volume per atom against the median of its own composition: the
+        # quarter most compressed or expanded is held out (no label used)
+        formula = [a.get_chemical_formula() for a in atoms]
+        v = np.array([a.get_volume() / len(a) for a in atoms])
+        strain = np.zeros(len(atoms))
+        for f in set(formula):
+            idx = [i for i, g in enumerate(formula) if g == f]
+            strain[idx] = np.log(v[idx] / np.median(v[idx]))
+        cut = np.quantile(np.abs(strain), 0.75)
+        return list(np.flatnonzero(np.abs(strain) < cut)), list(
+            np.flatnonzero(np.abs(strain) >= cut)
+        )
     if how == 'distortion':
         dev = np.array([bond_deviation(a, atoms[0]) for a in atoms])
         cut = np.quantile(dev, 0.75)
         return list(np.flatnonzero(dev < cut)), list(np.flatnonzero(dev >= cut))
-    raise SystemExit(f'unknown split {how!r} (x_In, distortion)')
+    raise SystemExit(f'unknown split {how!r} (x_In, strain, distortion)')
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -79,7 +97,7 @@ def _merge(base: dict, extra: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('input', help='methods YAML (sevenn_mf.analysis.methods)')
-    p.add_argument('--split', required=True, choices=['x_In', 'distortion'])
+    p.add_argument('--split', required=True, choices=['x_In', 'strain', 'distortion'])
     p.add_argument('--variants', required=True, help='YAML list of variants')
     p.add_argument('-w', '--working-dir', required=True)
     p.add_argument('--seeds', nargs='+', type=int, default=[1])

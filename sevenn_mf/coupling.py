@@ -13,9 +13,12 @@ terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
   the training batches, the anchor-fidelity structures are also evaluated at
   each coupled head, in the same forward pass (unlabelled copies in the batch,
   :mod:`sevenn_mf.data.cross_fidelity`). Penalised is the part of the
-  head - anchor difference that is not smooth: the spread within the batch of
-  the per-atom energy gap (net of the two fidelities' element references:
-  :func:`sevenn_mf.gap.net_atomic_energy`), and the size of the force (and,
+  head - anchor difference that is not smooth: the spread of the per-atom
+  energy gap (net of the two fidelities' element references:
+  :func:`sevenn_mf.gap.net_atomic_energy`) among the batch's structures of one
+  composition (``energy_within: composition``, the default; ``batch``
+  compares all of them, which also flattens how the gap changes between
+  compositions), and the size of the force (and,
   for structures with an anchor stress label, stress) difference. The anchor's
   predictions are the target, and the penalty's gradient goes to the coupled
   head's own fidelity-dependent parameters only: the HF head learns to follow
@@ -47,7 +50,20 @@ from .nn.fidelity_linear import instruction_map
 
 COUPLING = 'coupling'  # train-section key
 FUNCTION_WEIGHTS = ('energy', 'force', 'stress')
-KEYS = ('anchor', 'fidelities', 'parameter', 'energy', 'force', 'stress', 'fraction')
+KEYS = (
+    'anchor',
+    'fidelities',
+    'parameter',
+    'energy',
+    'force',
+    'stress',
+    'fraction',
+    'energy_within',
+)
+# which structures' per-atom gaps the energy term compares: those of one
+# composition (default), or every structure of the batch
+ENERGY_WITHIN = ('composition', 'batch')
+_WITHIN_WORDS = {'composition': 'each composition', 'batch': 'the batch'}
 # Coupling is off unless train.coupling is given; given (``coupling: true``
 # or a mapping), the options default to the measured recipe (extrapolation
 # validation on the InGaN and ethanol training pools, docs/benchmarks.md):
@@ -61,6 +77,7 @@ DEFAULTS = {
     'force': 1.0,
     'stress': 0.0,
     'fraction': 0.5,
+    'energy_within': 'composition',
 }
 _TO_KBAR = 1602.1766208  # eV/Å^3 -> kbar, as sevenn's stress loss
 
@@ -78,6 +95,7 @@ class CouplingSettings:
     force: float = 0.0
     stress: float = 0.0
     fraction: float = 1.0
+    energy_within: str = 'composition'
 
     @property
     def function_space(self) -> bool:
@@ -95,7 +113,8 @@ class CouplingSettings:
         parts = []
         if self.function_space:
             parts.append(
-                f'function space on {self.anchor} structures (energy {self.energy:g}, '
+                f'function space on {self.anchor} structures (energy {self.energy:g} '
+                f'within {_WITHIN_WORDS[self.energy_within]}, '
                 f'force {self.force:g}, stress {self.stress:g}; '
                 f'{self.fraction:g} of the batches)'
             )
@@ -159,6 +178,12 @@ def settings_from(
         raise CouplingError(
             f'train.coupling.fraction must be in (0, 1], got {fraction}'
         )
+    within = raw.get('energy_within', DEFAULTS['energy_within'])
+    if within not in ENERGY_WITHIN:
+        raise CouplingError(
+            f'train.coupling.energy_within must be one of '
+            f'{", ".join(ENERGY_WITHIN)}, got {within!r}'
+        )
     anchor = raw.get('anchor')
     listed = raw.get('fidelities')
     if listed is not None and (
@@ -207,7 +232,12 @@ def settings_from(
         value = _number(raw, 'parameter')
         parameter = {f: value for f in coupled}
     settings = CouplingSettings(
-        anchor, coupled, parameter, fraction=fraction, **weights
+        anchor,
+        coupled,
+        parameter,
+        fraction=fraction,
+        energy_within=within,
+        **weights,
     )
     if not coupled and settings.active:
         raise CouplingError(
@@ -275,6 +305,28 @@ def _fidelity_entries(param: torch.Tensor, how, f: int) -> torch.Tensor:
     _, n_fid, spans = how
     parts = [param[off : off + n].reshape(n_fid, -1)[f] for off, n in spans]
     return torch.cat(parts) if parts else param.new_zeros(0)
+
+
+def composition_groups(batch, structures: Sequence[int]) -> torch.Tensor:
+    """Group number of each of ``structures`` (indices into the batch) by
+    reduced composition (Ga2N2 and Ga4N4 are one group).
+
+    Why by composition: the per-element references take up the part of the
+    gap that is linear in composition; what remains between compositions
+    (e.g. the bowing of a functional's mixing energy, r2SCAN vs PBE in InGaN)
+    is physics the high-fidelity labels of other compositions may teach, not
+    noise, so it is not penalised."""
+    z = batch[KEY.ATOMIC_NUMBERS].reshape(-1)
+    ptr = torch.cumsum(batch[KEY.NUM_ATOMS].reshape(-1), 0).tolist()
+    start = [0] + ptr[:-1]
+    keys: Dict[Tuple[int, ...], int] = {}
+    out = []
+    for s in structures:
+        zs, counts = torch.unique(z[start[s] : ptr[s]], return_counts=True)
+        g = math.gcd(*counts.tolist())
+        key = tuple(zs.tolist()) + tuple(c // g for c in counts.tolist())
+        out.append(keys.setdefault(key, len(keys)))
+    return torch.tensor(out, dtype=torch.long)
 
 
 class CouplingLoss:
@@ -356,8 +408,10 @@ class CouplingLoss:
                 0, owner, diff
             )
             per_atom = per_atom / n_atoms
-            if self.settings.energy > 0 and len(sel) > 1:
-                terms['energy'].append(self._crit(per_atom - per_atom.mean()))
+            if self.settings.energy > 0:
+                spread = self._gap_spread(per_atom, batch, [o for _, o in sel])
+                if spread is not None:
+                    terms['energy'].append(self._crit(spread))
             if self.settings.force > 0:
                 fd = (
                     batch[KEY.PRED_FORCE][node_c]
@@ -379,6 +433,21 @@ class CouplingLoss:
                     )
                     terms['stress'].append(self._crit(sd * _TO_KBAR))
         return {k: torch.stack(v).mean() for k, v in terms.items() if v}
+
+    def _gap_spread(self, per_atom, batch, structures) -> Optional[torch.Tensor]:
+        """Each structure's per-atom gap minus the mean of its group: the
+        structures of the same (reduced) composition, or the whole batch.
+        Only groups of two or more count; None when there is none."""
+        if self.settings.energy_within == 'batch':
+            groups = torch.zeros(len(structures), dtype=torch.long)
+        else:
+            groups = composition_groups(batch, structures)
+        size = torch.bincount(groups).to(per_atom.dtype)
+        mean = torch.zeros_like(size).index_add(0, groups, per_atom) / size
+        keep = size[groups] > 1
+        if not bool(keep.any()):
+            return None
+        return (per_atom - mean[groups])[keep]
 
     def _own_parameters(self, model) -> List[Tuple[torch.nn.Parameter, Any]]:
         """(parameter, entry mask or None) of the coupled heads' own

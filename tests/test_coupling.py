@@ -19,6 +19,7 @@ from sevenn_mf.config import config_from_dict
 from sevenn_mf.coupling import (
     CouplingError,
     CouplingLoss,
+    composition_groups,
     heads_differ_by_constant,
     inert_warning,
     settings_from,
@@ -109,8 +110,10 @@ def _hf_masks(model):
 
 @pytest.fixture(scope='module')
 def lf_graphs():
-    frames = read_frames(QUICKSTART_DATA / 'pbe.extxyz')[:6]
-    return build_graphs(frames, 4.5, ANCHOR, 1.0)
+    # the first four in pairs of one composition (Ga3InN4, Ga4N4), which the
+    # energy term compares
+    frames = read_frames(QUICKSTART_DATA / 'pbe.extxyz')
+    return build_graphs([frames[i] for i in (0, 2, 4, 7, 1, 3)], 4.5, ANCHOR, 1.0)
 
 
 def _batch_with_copies(graphs, n=4):
@@ -146,7 +149,8 @@ def test_penalties_vanish_when_heads_agree(mode, lf_graphs):
     out = _forward_train(model, _batch_with_copies(lf_graphs))
     terms = loss.function_penalty(out, model)
     assert loss.parameter_penalty(model).item() > 1e-4
-    assert terms['energy'].item() > 1e-6 and terms['force'].item() > 1e-6
+    # (the energy term compares two pairs of one composition: small but real)
+    assert terms['energy'].item() > 1e-8 and terms['force'].item() > 1e-6
 
 
 @pytest.mark.parametrize('mode', ['onehot', 'indexed'])
@@ -197,6 +201,46 @@ def test_gradients_reach_only_the_coupled_head(mode, lf_graphs):
             assert g[~hf].abs().max() == 0, name
         else:
             assert g.abs().max() == 0, name
+
+
+def test_energy_term_compares_gaps_within_a_composition():
+    """The default energy term leaves a gap that differs only between
+    compositions alone (the references cannot follow a bowing, the HF labels
+    of other compositions may teach it); ``energy_within: batch`` does not."""
+    frames = read_frames(QUICKSTART_DATA / 'pbe.extxyz')[:12]
+    graphs = build_graphs(frames, 4.5, ANCHOR, 1.0)
+    batch = Batch.from_data_list(graphs)
+    idx = list(range(len(graphs)))
+    groups = composition_groups(batch, idx).tolist()
+    formulas = [f.atoms.get_chemical_formula() for f in frames]
+    assert len(set(formulas)) > 2
+    for i in idx:
+        for j in idx:
+            assert (groups[i] == groups[j]) == (formulas[i] == formulas[j])
+    # a doubled cell is the same composition
+    big = frames[0].atoms.repeat((2, 1, 1))
+    two = Batch.from_data_list(
+        [
+            graphs[0],
+            build_graphs([type(frames[0]).from_atoms(big)], 4.5, ANCHOR, 1.0)[0],
+        ]
+    )
+    assert composition_groups(two, [0, 1]).tolist() == [0, 0]
+
+    cfg = small_config('onehot')
+    by_comp = torch.tensor([0.01 * g for g in groups], dtype=torch.float64)
+    noise = torch.linspace(-0.003, 0.003, len(idx), dtype=torch.float64)
+    loss = CouplingLoss(_settings(energy=1), cfg, _huber)
+    assert loss.settings.energy_within == 'composition'
+    spread = loss._gap_spread(by_comp, batch, idx)
+    assert spread.abs().max() < 1e-12  # only a composition-level gap: no penalty
+    spread = loss._gap_spread(by_comp + noise, batch, idx)
+    assert spread.abs().max() > 1e-4  # variation within a composition counts
+    whole = CouplingLoss(_settings(energy=1, energy_within='batch'), cfg, _huber)
+    assert whole._gap_spread(by_comp, batch, idx).abs().max() > 1e-3
+    # a batch with no two structures of one composition: no energy term
+    single = [formulas.index(f) for f in dict.fromkeys(formulas)]
+    assert loss._gap_spread(by_comp[single], batch, single) is None
 
 
 def test_copies_change_no_data_loss(lf_graphs):
@@ -253,6 +297,8 @@ def test_settings_errors():
         settings_from({'energy': 1, 'fraction': 0}, FIDS, {})
     with pytest.raises(CouplingError, match='>= 0'):
         settings_from({'force': -1}, FIDS, {})
+    with pytest.raises(CouplingError, match='energy_within must be one of'):
+        settings_from({'energy': 1, 'energy_within': 'cell'}, FIDS, {})
     assert settings_from({}, FIDS, {}) is None
     assert settings_from({'energy': 0, 'force': 0}, FIDS, {ANCHOR: 1}) is None
     recipe = settings_from(True, FIDS, {ANCHOR: 3, HF: 1})  # the measured defaults
@@ -395,7 +441,14 @@ def test_coupling_shrinks_the_gap_where_only_lf_data_is(ingan_runs, shared_data)
         cp = Checkpoint(wd / 'checkpoint_last.pth')
         graphs = build_graphs(frames, cp.cutoff, ANCHOR, 1.0)
         gaps = head_gaps(cp.build_model(), cp.config, graphs, reference=HF)
-        result[name] = (gaps.energy[ANCHOR].std(), gaps.force[ANCHOR].mean())
+        e = np.asarray(gaps.energy[ANCHOR], dtype=float)
+        # the energy term compares structures of one composition: the spread
+        # around each composition's mean gap is what it shrinks
+        formula = [f.atoms.get_chemical_formula() for f in frames]
+        for g in set(formula):
+            idx = [i for i, h in enumerate(formula) if h == g]
+            e[idx] -= e[idx].mean()
+        result[name] = (np.sqrt(np.mean(e**2)), gaps.force[ANCHOR].mean())
     (e_plain, f_plain), (e_cpl, f_cpl) = result['plain'], result['coupled']
     assert e_cpl < 0.7 * e_plain, result
     assert f_cpl < 0.7 * f_plain, result
