@@ -97,7 +97,9 @@ def _merge(base: dict, extra: dict) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('input', help='methods YAML (sevenn_mf.analysis.methods)')
-    p.add_argument('--split', required=True, choices=['x_In', 'strain', 'distortion'])
+    p.add_argument(
+        '--split', required=True, choices=['x_In', 'strain', 'distortion']
+    )
     p.add_argument('--variants', required=True, help='YAML list of variants')
     p.add_argument('-w', '--working-dir', required=True)
     p.add_argument('--seeds', nargs='+', type=int, default=[1])
