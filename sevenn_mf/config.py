@@ -26,6 +26,7 @@ from sevenn.parse_input import init_data_config, init_model_config, init_train_c
 
 from . import _sevenn as S
 from ._sevenn import CONST, KEY
+from .coupling import KEYS as COUPLING_KEYS
 from .data.sampler import SAMPLING_KEYS, check_sampling
 from .finetune import check_reference_options
 
@@ -67,15 +68,7 @@ NESTED_KEYS: Dict[Tuple[str, str], Tuple[str, ...]] = {
     ('train', 'delta'): DELTA_KEYS,
     ('train', KEY.CONTINUE): tuple(CONST.DEFAULT_TRAINING_CONFIG[KEY.CONTINUE]),
     # coupled fidelity heads (sevenn_mf.coupling)
-    ('train', 'coupling'): (
-        'anchor',
-        'fidelities',
-        'parameter',
-        'energy',
-        'force',
-        'stress',
-        'fraction',
-    ),
+    ('train', 'coupling'): COUPLING_KEYS,
     # early stopping on the best_fidelity validation loss (sevenn_mf.train)
     ('train', 'early_stopping'): ('patience', 'min_delta', 'monitor'),
 }
