@@ -417,28 +417,35 @@ def stress_slope_mismatch(
     return None
 
 
+def cell_terms(frame: Any) -> Optional[tuple]:
+    """(volume, mean stress trace in ASE's sign) of a :class:`Frame` that the
+    stress-label check can use: periodic, with energy and stress labels;
+    else None. The one definition, for in-memory frames and store summaries."""
+    p = frame.present
+    if frame.atoms is None or not (p.get('energy') and p.get('stress')):
+        return None
+    if not all(frame.atoms.pbc):
+        return None
+    # sevenn stores -sigma (ASE sign) in y_stress
+    return float(frame.atoms.get_volume()), -float(np.mean(frame.stress[:3]))
+
+
 def stress_slope_warning(spec: DatabaseSpec, frames: Sequence[Any]) -> Optional[str]:
     """One line when the stress labels of ``frames`` (:class:`Frame` of one
     database) contradict their energies (:func:`stress_slope_mismatch`);
     frames without energy, stress or a periodic cell are left out. For
     databases whose stress is trained (the caller knows)."""
-    use = [
-        f
-        for f in frames
-        if f.atoms is not None
-        and f.present.get('energy')
-        and f.present.get('stress')
-        and all(f.atoms.pbc)
-    ]
-    has_f = bool(use) and all(f.present.get('force') for f in use)
+    use = [(f, t) for f in frames if (t := cell_terms(f)) is not None]
+    has_f = bool(use) and all(f.present.get('force') for f, _ in use)
     return stress_slope_line(
         spec,
-        [f.numbers for f in use],
-        [f.energy for f in use],
-        [f.atoms.get_volume() for f in use],
-        # sevenn stores -sigma (ASE sign) in y_stress
-        [-float(np.mean(f.stress[:3])) for f in use],
-        [float((f.forces**2).sum()) / len(f.atoms) for f in use] if has_f else None,
+        [f.numbers for f, _ in use],
+        [f.energy for f, _ in use],
+        [t[0] for _, t in use],
+        [t[1] for _, t in use],
+        [float((f.forces**2).sum()) / len(f.atoms) for f, _ in use]
+        if has_f
+        else None,
     )
 
 

@@ -65,7 +65,7 @@ from .databases import (
     read_file,
 )
 from .graphs import atoms_to_graph_dict, normalize_weight
-from .statistics import GraphSummary, summarize, summary_of
+from .statistics import GraphSummary, cell_terms, summarize, summary_of
 
 # Bump when the stored value layout or the metadata changes.
 STORE_FORMAT_VERSION = (
@@ -93,7 +93,8 @@ def _key(i: int) -> bytes:
 
 
 # ---- summaries -----------------------------------------------------------------
-_CELL_COLUMNS = ('volume', 'hydrostatic')  # of _cell_terms, not of GraphSummary
+_CELL_COLUMNS = ('volume', 'hydrostatic')  # of cell_terms, not of GraphSummary
+_NO_CELL = (float('nan'), float('nan'))
 
 
 class _SummaryColumns:
@@ -207,33 +208,6 @@ def _compact(d: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _cell_terms(frame: Frame) -> tuple:
-    """(volume, ASE-sign mean stress trace) of a periodic structure with an
-    energy and a stress label, else NaNs: what the stress-label check
-    (:func:`sevenn_mf.data.statistics.stress_slope_line`) needs later."""
-    nan = (float('nan'), float('nan'))
-    p = frame.present
-    if not (p.get('energy') and p.get('stress')):
-        return nan
-    if frame.atoms is not None:
-        if not all(frame.atoms.pbc):
-            return nan
-        volume = float(frame.atoms.get_volume())
-    else:  # a pre-built graph: no pbc flag, a zero volume means no cell
-        volume = float(_volume_of(frame.graph))
-    if not np.isfinite(volume) or volume <= 0:
-        return nan
-    # sevenn stores -sigma (ASE sign) in y_stress
-    return volume, -float(np.mean(frame.stress[:3]))
-
-
-def _volume_of(graph) -> float:
-    try:
-        return float(np.asarray(graph[KEY.CELL_VOLUME]).reshape(-1)[0])
-    except (KeyError, IndexError, TypeError):
-        return float('nan')
-
-
 def _process(frame: Frame, cutoff: float):
     """Worker: (problems, pickled value, summary, structure hash, cell
     terms) of one frame."""
@@ -282,7 +256,7 @@ def _process(frame: Frame, cutoff: float):
             None,
         )
     blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-    return [], blob, summary, frame_hash(frame), _cell_terms(frame)
+    return [], blob, summary, frame_hash(frame), cell_terms(frame) or _NO_CELL
 
 
 def _raise_problems(problems: List[str], total: int) -> None:
