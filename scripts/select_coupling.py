@@ -29,8 +29,9 @@ force MAE where labelled) next to the LF validation error of the same model.
         input_templates/ingan_methods.yaml --split x_In \\
         --variants input_templates/coupling_variants.yaml -w runs/select_ingan
 
-Variants file: a list of {name, method, model: {...}, train: {...}} (model /
-train keys override the methods YAML; ``method`` is mf or mf-uncoupled).
+Variants file: a list of {name, method, model: {...}, train: {...}, mf:
+{...}} (model / train keys override the methods YAML, ``mf`` replaces its
+``train.mf``; ``method`` is mf or mf-uncoupled).
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def main() -> None:
             run_mi.raw['model'] = _merge(run_mi.raw['model'], var.get('model'))
             run_mi.raw['train'] = _merge(run_mi.raw['train'], var.get('train'))
             run_mi.raw['train']['random_seed'] = seed
+            if var.get('mf') is not None:  # train.mf of the methods YAML
+                run_mi.mf = dict(var['mf'])
             d = os.path.join(out, var['name'], f's{seed}')
             t0 = time.time()
             res = run_method(
@@ -147,6 +150,9 @@ def main() -> None:
                 d,
                 resume=True,
                 screen=False,
+                # LF-only stages (mf with init: lf) do not depend on the
+                # split: one per seed, shared by the variants
+                shared_dir=os.path.join(out, 'shared'),
                 log=lambda s: None,
             )
             model = MethodModel(res.parts)
@@ -158,10 +164,15 @@ def main() -> None:
                 os.path.join(os.path.dirname(ckpt), 'metrics.csv')
             )
             best = Checkpoint(ckpt).epoch
+            # a last stage without LF data (mf-transfer's HF fine-tune) has
+            # no LF validation error of its own: nan, not the stage before's
             lf_row = next(
-                r
-                for r in metrics
-                if int(r['epoch']) == best and r['set'] == f'{lf}_validset'
+                (
+                    r
+                    for r in metrics
+                    if int(r['epoch']) == best and r['set'] == f'{lf}_validset'
+                ),
+                {'energy_mae': 'nan', 'force_mae': 'nan'},
             )
             row = {
                 'variant': var['name'],

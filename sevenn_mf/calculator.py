@@ -135,11 +135,21 @@ class SevenNetMFCalculator(SevenNetCalculator):
                 import warnings
 
                 other = next(o for o, g in gaps.items() if g['outside'])
+                # the range is stored as reference - other: a calculator at
+                # the other head reports that pair, with its own sign flipped
+                r = self.gap_range
+                ref, low = (
+                    (self.fidelity, other)
+                    if r.reference == self.fidelity
+                    else (other, self.fidelity)
+                )
+                sign = 1.0 if ref == self.fidelity else -1.0
                 warnings.warn(
                     f'structure outside the fidelity-gap range of the training data: '
-                    f'{self.fidelity} - {other} gap {1000 * gaps[other]["energy"]:.1f} '
-                    f'meV/atom, {1000 * gaps[other]["force"]:.0f} meV/Å; training range: '
-                    f'{self.gap_range.describe(other)}. The {self.fidelity} prediction '
+                    f'{ref} - {low} gap '
+                    f'{1000 * sign * gaps[other]["energy"]:.1f} meV/atom, '
+                    f'{1000 * gaps[other]["force"]:.0f} meV/Å; training range: '
+                    f'{r.describe(low)}. The {self.fidelity} prediction '
                     'extrapolates here (further cases are counted in n_outside).',
                     stacklevel=3,
                 )

@@ -45,7 +45,14 @@ SECTIONS = ('model', 'train', 'data')
 
 # train-section keys of sevenn_mf.analysis.methods (a YAML with any of them is
 # run as a method by ``sevenn_mf train``; they never reach sevenn's parser)
-METHOD_KEYS = ('method', 'hf_fidelity', 'transfer', 'delta', 'min_epoch_length')
+METHOD_KEYS = (
+    'method',
+    'hf_fidelity',
+    'transfer',
+    'delta',
+    'mf',
+    'min_epoch_length',
+)
 TRANSFER_KEYS = (
     'pretrain_epochs',
     'finetune_epochs',
@@ -53,6 +60,8 @@ TRANSFER_KEYS = (
     'shared_lr_factor',
 )
 DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs')
+MF_KEYS = ('init', 'lf_epochs')
+MF_INITS = ('scratch', 'lf')
 
 # Options whose value is a mapping, and the sub-keys each takes. This is the
 # table to extend when an option with sub-keys is added: (section, key) ->
@@ -66,6 +75,7 @@ NESTED_KEYS: Dict[Tuple[str, str], Tuple[str, ...]] = {
     ('data', S.SAMPLING): SAMPLING_KEYS,
     ('train', 'transfer'): TRANSFER_KEYS,
     ('train', 'delta'): DELTA_KEYS,
+    ('train', 'mf'): MF_KEYS,
     ('train', KEY.CONTINUE): tuple(CONST.DEFAULT_TRAINING_CONFIG[KEY.CONTINUE]),
     # coupled fidelity heads (sevenn_mf.coupling)
     ('train', 'coupling'): COUPLING_KEYS,

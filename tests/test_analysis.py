@@ -416,3 +416,61 @@ run 0
     assert thermo_table(out)[-1]['PotEng'] == pytest.approx(
         back.get_potential_energy(), abs=1e-4 * len(back)
     )
+
+
+def test_mf_started_from_the_shared_lf_model(tmp_path, cell):
+    """``train.mf: {init: lf}``: the MF stage starts from the LF stage that
+    transfer and delta use (trained once, in the shared folder), and its HF
+    head starts as a copy of the LF head (same energy up to the refitted
+    element references)."""
+    import torch
+
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.methods import MethodError, read_method_input, run_method
+
+    path = _methods_yaml(tmp_path, mf={'init': 'lf'})
+    mi = read_method_input(str(path))
+    shared = tmp_path / 'shared'
+    lf_logs, mf_logs = [], []
+    tr = run_method(
+        mi, 'transfer', str(tmp_path / 'tr'), screen=False,
+        shared_dir=str(shared), log=lf_logs.append,
+    )  # fmt: skip
+    res = run_method(
+        mi, 'mf', str(tmp_path / 'mf'), screen=False,
+        shared_dir=str(shared), log=mf_logs.append,
+    )  # fmt: skip
+    assert [s.name for s in res.stages] == ['lf', 'mf']
+    assert not res.stages[0].trained_now  # reused transfer's LF model
+    assert res.stages[0].checkpoint == tr.stages[0].checkpoint
+    assert any('reused' in ln for ln in mf_logs)
+    assert [p[1] for p in res.parts] == ['r2scan']
+
+    # the MF stage's starting point: the LF model's weights in every head
+    cfg = yaml.safe_load((tmp_path / 'mf' / 'mf' / 'input.yaml').read_text())
+    assert cfg['train']['pretrained'] == tr.stages[0].checkpoint
+    assert cfg['train']['pretrained_add'] == {'r2scan': 'pbe'}
+    lf_sd = torch.load(tr.stages[0].checkpoint, weights_only=False)['model_state_dict']
+    mf_sd = torch.load(res.parts[0][0], weights_only=False)['model_state_dict']
+    assert set(lf_sd) & set(mf_sd)  # shared (convolution) parameters carried over
+    a = cell.repeat((1, 1, 2))
+    a.calc = SevenNetMFCalculator(res.parts[0][0], 'r2scan')
+    assert np.isfinite(a.get_potential_energy())
+
+    # mf-transfer: the same MF stage, then fine-tuned on the HF data alone
+    hyb = run_method(
+        mi, 'mf-transfer', str(tmp_path / 'mft'), screen=False,
+        shared_dir=str(shared), log=mf_logs.append,
+    )  # fmt: skip
+    assert [s.name for s in hyb.stages] == ['lf', 'mf', 'finetune']
+    ft = yaml.safe_load((tmp_path / 'mft' / 'finetune' / 'input.yaml').read_text())
+    assert ft['train']['pretrained'] == hyb.stages[1].checkpoint
+    assert [db['fidelity'] for db in ft['data']['databases']] == ['r2scan']
+    assert hyb.parts == [(hyb.stages[2].checkpoint, 'r2scan')]
+
+    raw = yaml.safe_load(path.read_text())
+    raw['train']['mf'] = {'init': 'pbe'}
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match='train.mf.init must be one of'):
+        read_method_input(str(bad))

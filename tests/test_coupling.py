@@ -552,6 +552,16 @@ def test_calculator_flags_structures_outside_the_training_gap_range(ingan_runs):
     with pytest.warns(UserWarning, match='outside the fidelity-gap range'):
         atoms.get_potential_energy()
     assert calc.results['fidelity_gap_outside'] is True and calc.n_outside == 1
+    # the same at the anchor head (the range is stored as HF - anchor)
+    low = SevenNetMFCalculator(cp, ANCHOR)
+    atoms.calc = low
+    low.gap_range.ranges[ANCHOR].update(energy_min=gap['energy'] + 1.0)
+    with pytest.warns(UserWarning, match=f'{HF} - {ANCHOR} gap .*on \\d+ {HF}'):
+        atoms.get_potential_energy()
+    assert low.results['fidelity_gap'][HF]['outside'] is True
+    assert low.results['fidelity_gap'][HF]['energy'] == pytest.approx(
+        -calc.results['fidelity_gap'][ANCHOR]['energy'], abs=1e-6
+    )
     plain = SevenNetMFCalculator(cp, HF, gap=False)
     atoms.calc = plain
     atoms.get_potential_energy()

@@ -26,10 +26,23 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     Every database together, one multi-fidelity model (``mf`` keeps the
     YAML's ``fidelity_layer_mode``), with the YAML's ``train.coupling``
     (coupled fidelity heads, :mod:`sevenn_mf.coupling`).
+    ``train.mf: {init: lf}`` starts that model from the LF model of
+    ``transfer`` and ``delta`` (stage ``lf``, shared with them) instead of
+    from scratch: every fidelity head begins as the LF one (the HF element
+    references refitted to its predictions, as in ``transfer``), then all
+    databases train together. Options: ``init`` (``scratch``, the default,
+    or ``lf``), ``lf_epochs``.
+``mf-transfer``
+    ``mf`` (with its ``train.mf``), then stage ``finetune``: that model
+    fine-tuned on the HF databases alone, as ``transfer`` fine-tunes its LF
+    model (``train.transfer`` options). The HF head may then move away from
+    the LF one where only LF data is (the PBE head is not trained any more):
+    a hybrid that gives up the coupled heads for the last step.
 ``mf-uncoupled``
     Multi-fidelity training as it was before coupled heads, for comparison:
     the YAML without ``train.coupling`` and with sevenn's fidelity-dependent
-    positions (self-interaction intro / outro and output block).
+    positions (self-interaction intro / outro and output block); its
+    ``train.mf`` applies.
 
 ``train.min_epoch_length: M`` makes a stage whose training set is smaller
 than M (and whose own ``data.sampling`` draws fewer) draw M structures per
@@ -59,7 +72,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import yaml
 
-from ..config import DELTA_KEYS, METHOD_KEYS, TRANSFER_KEYS
+from ..config import DELTA_KEYS, METHOD_KEYS, MF_INITS, MF_KEYS, TRANSFER_KEYS
 from .delta import DELTA_FIDELITY, delta_databases
 
 METHODS = (
@@ -70,6 +83,7 @@ METHODS = (
     'mf-uncoupled',
     'mf-onehot',
     'mf-indexed',
+    'mf-transfer',
 )
 MF_METHODS = ('mf', 'mf-uncoupled', 'mf-onehot', 'mf-indexed')
 # fidelity-dependent positions of multi-fidelity training before coupled heads
@@ -102,6 +116,7 @@ class MethodInput:
     hf_fidelity: Optional[str] = None
     transfer: Dict[str, Any] = field(default_factory=dict)
     delta: Dict[str, Any] = field(default_factory=dict)
+    mf: Dict[str, Any] = field(default_factory=dict)
     min_epoch_length: Optional[int] = None
     path: Optional[str] = None
     _species: Optional[List[str]] = None
@@ -192,15 +207,21 @@ def method_input_from_dict(
     hf = opts.get('hf_fidelity') or train.get('best_fidelity')
     transfer = dict(opts.get('transfer') or {})
     delta = dict(opts.get('delta') or {})
+    mf = dict(opts.get('mf') or {})
     for name, d, allowed in (
         ('transfer', transfer, TRANSFER_KEYS),
         ('delta', delta, DELTA_KEYS),
+        ('mf', mf, MF_KEYS),
     ):
         bad = sorted(set(d) - set(allowed))
         if bad:
             raise MethodError(
                 f'train.{name}: unknown key(s) {bad}; allowed: {", ".join(allowed)}'
             )
+    if mf.get('init', 'scratch') not in MF_INITS:
+        raise MethodError(
+            f'train.mf.init must be one of {", ".join(MF_INITS)}, got {mf["init"]!r}'
+        )
     mel = opts.get('min_epoch_length')
     if mel is not None and (not isinstance(mel, int) or mel < 1):
         raise MethodError(
@@ -213,6 +234,7 @@ def method_input_from_dict(
         hf_fidelity=hf,
         transfer=transfer,
         delta=delta,
+        mf=mf,
         min_epoch_length=mel,
         path=path,
     )
@@ -608,6 +630,25 @@ def lf_stage(mi: MethodInput, epochs: Optional[int]) -> Tuple[str, Dict[str, Any
     return 'lf', raw
 
 
+def _finetune_raw(
+    mi: MethodInput, checkpoint: str, extra: Dict[str, Any], epochs
+) -> Dict[str, Any]:
+    """The stage that fine-tunes ``checkpoint`` on the HF databases alone
+    (``train.transfer`` options)."""
+    opt = mi.transfer
+    extra = dict(extra, pretrained=checkpoint)
+    if opt.get('shared_lr_factor') is not None:
+        extra['shared_lr_factor'] = float(opt['shared_lr_factor'])
+    return stage_raw(
+        mi,
+        mi.hf_databases,
+        best_fidelity=mi.hf_fidelity,
+        epochs=opt.get('finetune_epochs', epochs),
+        lr=opt.get('finetune_lr'),
+        train_extra=extra,
+    )
+
+
 def run_method(
     mi: MethodInput,
     method: Optional[str],
@@ -661,43 +702,46 @@ def run_method(
         raw = stage_raw(mi, mi.hf_databases, best_fidelity=hf, epochs=E)
         stages.append(stage('hf-only', raw))
         parts = [(stages[-1].checkpoint, hf)]
-    elif method in MF_METHODS:
+    elif method in MF_METHODS or method == 'mf-transfer':
         mode = (
             method.split('-')[1] if method in ('mf-onehot', 'mf-indexed') else None
         )
+        extra = None
+        if mi.mf.get('init') == 'lf':
+            # the LF model of transfer and delta (one shared stage): the MF
+            # heads start where that model's LF fit ended, not from noise
+            _, lf_raw = lf_stage(mi, mi.mf.get('lf_epochs', E))
+            stages.append(stage('lf', lf_raw, shared=True))
+            extra = {
+                'pretrained': stages[-1].checkpoint,
+                'pretrained_add': {hf: mi.lf_fidelities[0]},
+                'fit_new_references': True,
+            }
         raw = stage_raw(
             mi,
             mi.databases,
             best_fidelity=hf,
             epochs=E,
             mode=mode,
+            train_extra=extra,
             coupling=method != 'mf-uncoupled',
         )
         if method == 'mf-uncoupled':  # as before coupled heads: sevenn's positions
             raw['model'].update({k: True for k in LEGACY_POSITIONS})
             raw['model']['use_modal_node_embedding'] = False
-        stages.append(stage(method, raw))
+        stages.append(stage('mf' if method == 'mf-transfer' else method, raw))
         parts = [(stages[-1].checkpoint, hf)]
+        if method == 'mf-transfer':
+            raw = _finetune_raw(mi, stages[-1].checkpoint, {}, E)
+            stages.append(stage('finetune', raw))
+            parts = [(stages[-1].checkpoint, hf)]
     elif method == 'transfer':
         opt = mi.transfer
         _, raw = lf_stage(mi, opt.get('pretrain_epochs', E))
         stages.append(stage('lf', raw, shared=True))
         lf = mi.lf_fidelities[0]
-        extra = {
-            'pretrained': stages[-1].checkpoint,
-            'pretrained_add': {hf: lf},
-            'fit_new_references': True,
-        }
-        if opt.get('shared_lr_factor') is not None:
-            extra['shared_lr_factor'] = float(opt['shared_lr_factor'])
-        raw = stage_raw(
-            mi,
-            mi.hf_databases,
-            best_fidelity=hf,
-            epochs=opt.get('finetune_epochs', E),
-            lr=opt.get('finetune_lr'),
-            train_extra=extra,
-        )
+        add = {'pretrained_add': {hf: lf}, 'fit_new_references': True}
+        raw = _finetune_raw(mi, stages[-1].checkpoint, add, E)
         stages.append(stage('finetune', raw))
         parts = [(stages[-1].checkpoint, hf)]
     elif method == 'delta':
