@@ -450,7 +450,9 @@ def test_mf_started_from_the_shared_lf_model(tmp_path, cell):
     cfg = yaml.safe_load((tmp_path / 'mf' / 'mf' / 'input.yaml').read_text())
     assert cfg['train']['pretrained'] == tr.stages[0].checkpoint
     assert cfg['train']['pretrained_add'] == {'r2scan': 'pbe'}
-    lf_sd = torch.load(tr.stages[0].checkpoint, weights_only=False)['model_state_dict']
+    lf_sd = torch.load(tr.stages[0].checkpoint, weights_only=False)[
+        'model_state_dict'
+    ]
     mf_sd = torch.load(res.parts[0][0], weights_only=False)['model_state_dict']
     assert set(lf_sd) & set(mf_sd)  # shared (convolution) parameters carried over
     a = cell.repeat((1, 1, 2))
