@@ -31,7 +31,7 @@ force MAE where labelled) next to the LF validation error of the same model.
 
 Variants file: a list of {name, method, model: {...}, train: {...}, mf:
 {...}} (model / train keys override the methods YAML, ``mf`` replaces its
-``train.mf``; ``method`` is mf or mf-uncoupled).
+``train.mf``; ``method`` is mf, mf-uncoupled or mf-transfer).
 """
 
 from __future__ import annotations

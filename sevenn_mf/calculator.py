@@ -135,33 +135,35 @@ class SevenNetMFCalculator(SevenNetCalculator):
                 import warnings
 
                 other = next(o for o, g in gaps.items() if g['outside'])
-                # the range is stored as reference - other: a calculator at
-                # the other head reports that pair, with its own sign flipped
-                r = self.gap_range
-                ref, low = (
-                    (self.fidelity, other)
-                    if r.reference == self.fidelity
-                    else (other, self.fidelity)
-                )
-                sign = 1.0 if ref == self.fidelity else -1.0
+                key, sign = self._stored_pair(other)
                 warnings.warn(
                     f'structure outside the fidelity-gap range of the training data: '
-                    f'{ref} - {low} gap '
+                    f'{self.gap_range.reference} - {key} gap '
                     f'{1000 * sign * gaps[other]["energy"]:.1f} meV/atom, '
                     f'{1000 * gaps[other]["force"]:.0f} meV/Å; training range: '
-                    f'{r.describe(low)}. The {self.fidelity} prediction '
+                    f'{self.gap_range.describe(key)}. The {self.fidelity} prediction '
                     'extrapolates here (further cases are counted in n_outside).',
                     stacklevel=3,
                 )
 
-    def _outside(self, other: str, energy: float, force: float):
-        """The structure's gap against the stored training range (None when
-        the checkpoint has none for this pair)."""
+    def _stored_pair(self, other: str):
+        """(key, sign): the stored range holds reference - key gaps, and
+        this head's gap to ``other`` times sign is such a gap; None when the
+        checkpoint has no range for this pair."""
         r = self.gap_range
         if r is None:
             return None
         if r.reference == self.fidelity and other in r.ranges:
-            return r.outside(other, energy, force)
+            return other, 1.0
         if r.reference == other and self.fidelity in r.ranges:
-            return r.outside(self.fidelity, -energy, force)
+            return self.fidelity, -1.0
         return None
+
+    def _outside(self, other: str, energy: float, force: float):
+        """The structure's gap against the stored training range (None when
+        the checkpoint has none for this pair)."""
+        pair = self._stored_pair(other)
+        if pair is None:
+            return None
+        key, sign = pair
+        return self.gap_range.outside(key, sign * energy, force)

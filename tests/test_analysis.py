@@ -420,9 +420,8 @@ run 0
 
 def test_mf_started_from_the_shared_lf_model(tmp_path, cell):
     """``train.mf: {init: lf}``: the MF stage starts from the LF stage that
-    transfer and delta use (trained once, in the shared folder), and its HF
-    head starts as a copy of the LF head (same energy up to the refitted
-    element references)."""
+    transfer and delta use (trained once, in the shared folder), as a
+    pretrained model whose HF fidelity is added as a copy of the LF one."""
     import torch
 
     from sevenn_mf import SevenNetMFCalculator

@@ -630,13 +630,11 @@ def lf_stage(mi: MethodInput, epochs: Optional[int]) -> Tuple[str, Dict[str, Any
     return 'lf', raw
 
 
-def _finetune_raw(
-    mi: MethodInput, checkpoint: str, extra: Dict[str, Any], epochs
-) -> Dict[str, Any]:
-    """The stage that fine-tunes ``checkpoint`` on the HF databases alone
-    (``train.transfer`` options)."""
+def _finetune_raw(mi: MethodInput, extra: Dict[str, Any], epochs) -> Dict[str, Any]:
+    """The stage that fine-tunes ``extra['pretrained']`` on the HF databases
+    alone (``train.transfer`` options)."""
     opt = mi.transfer
-    extra = dict(extra, pretrained=checkpoint)
+    extra = dict(extra)
     if opt.get('shared_lr_factor') is not None:
         extra['shared_lr_factor'] = float(opt['shared_lr_factor'])
     return stage_raw(
@@ -698,6 +696,23 @@ def run_method(
         )
 
     stages: List[StageResult] = []
+
+    def lf_model(epochs) -> str:
+        """Train (or reuse) the LF stage shared by transfer, delta and mf
+        with init: lf; its checkpoint."""
+        _, raw = lf_stage(mi, epochs)
+        stages.append(stage('lf', raw, shared=True))
+        return stages[-1].checkpoint
+
+    def from_lf(checkpoint: str) -> Dict[str, Any]:
+        """Train keys that start a model from the LF checkpoint, the HF
+        fidelity a copy of the LF one with its references refitted."""
+        return {
+            'pretrained': checkpoint,
+            'pretrained_add': {hf: mi.lf_fidelities[0]},
+            'fit_new_references': True,
+        }
+
     if method == 'hf-only':
         raw = stage_raw(mi, mi.hf_databases, best_fidelity=hf, epochs=E)
         stages.append(stage('hf-only', raw))
@@ -708,15 +723,8 @@ def run_method(
         )
         extra = None
         if mi.mf.get('init') == 'lf':
-            # the LF model of transfer and delta (one shared stage): the MF
-            # heads start where that model's LF fit ended, not from noise
-            _, lf_raw = lf_stage(mi, mi.mf.get('lf_epochs', E))
-            stages.append(stage('lf', lf_raw, shared=True))
-            extra = {
-                'pretrained': stages[-1].checkpoint,
-                'pretrained_add': {hf: mi.lf_fidelities[0]},
-                'fit_new_references': True,
-            }
+            # the MF heads start where the LF model's fit ended, not from noise
+            extra = from_lf(lf_model(mi.mf.get('lf_epochs', E)))
         raw = stage_raw(
             mi,
             mi.databases,
@@ -732,23 +740,18 @@ def run_method(
         stages.append(stage('mf' if method == 'mf-transfer' else method, raw))
         parts = [(stages[-1].checkpoint, hf)]
         if method == 'mf-transfer':
-            raw = _finetune_raw(mi, stages[-1].checkpoint, {}, E)
+            raw = _finetune_raw(mi, {'pretrained': stages[-1].checkpoint}, E)
             stages.append(stage('finetune', raw))
             parts = [(stages[-1].checkpoint, hf)]
     elif method == 'transfer':
-        opt = mi.transfer
-        _, raw = lf_stage(mi, opt.get('pretrain_epochs', E))
-        stages.append(stage('lf', raw, shared=True))
-        lf = mi.lf_fidelities[0]
-        add = {'pretrained_add': {hf: lf}, 'fit_new_references': True}
-        raw = _finetune_raw(mi, stages[-1].checkpoint, add, E)
+        ckpt = lf_model(mi.transfer.get('pretrain_epochs', E))
+        raw = _finetune_raw(mi, from_lf(ckpt), E)
         stages.append(stage('finetune', raw))
         parts = [(stages[-1].checkpoint, hf)]
     elif method == 'delta':
         opt = mi.delta
         lf = _delta_lf_fidelity(mi)
-        _, raw = lf_stage(mi, opt.get('lf_epochs', E))
-        stages.append(stage('lf', raw, shared=True))
+        lf_model(opt.get('lf_epochs', E))
         dbs = delta_databases(mi, lf, os.path.join(working_dir, 'delta_data'))
         raw = stage_raw(
             mi,
