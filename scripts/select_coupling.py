@@ -21,6 +21,11 @@ by region instead, the way the real task is: one part trains, the other part
   measure: no label is used); the most distorted quarter is scored, the rest
   trains.
 
+* ``--heldout FILE ...``: the whole HF pool trains and these files score:
+  a surrogate task whose HF labels exist where the real pool has none
+  (``scripts/surrogate_fidelity.py``: InGaN at x = 0.5). Variants may then
+  also be ``delta`` or ``transfer``, as references on the same task.
+
 No test file is read. Every variant is one ``sevenn_mf.analysis.methods`` run
 (resumable), scored on the held-out HF part (energy MAE and signed mean,
 force MAE where labelled) next to the LF validation error of the same model.
@@ -30,8 +35,10 @@ force MAE where labelled) next to the LF validation error of the same model.
         --variants input_templates/coupling_variants.yaml -w runs/select_ingan
 
 Variants file: a list of {name, method, model: {...}, train: {...}, mf:
-{...}} (model / train keys override the methods YAML, ``mf`` replaces its
-``train.mf``; ``method`` is mf, mf-uncoupled or mf-transfer).
+{...}, hf_weight: {...}} (model / train keys override the methods YAML,
+``mf`` replaces its ``train.mf``, ``hf_weight`` the HF databases' ``weight``;
+``method`` is mf, mf-uncoupled or mf-transfer, or with ``--heldout`` also
+delta or transfer).
 """
 
 from __future__ import annotations
@@ -95,19 +102,60 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
+def _heads(lf_files, run_dir, lf, pred, lf_parts, MethodModel) -> dict:
+    """The LF head on the held-out structures' LF labels, and the error of
+    the heads' gap (HF head - LF head against HF label - LF label): which head
+    an HF error comes from, so that two wrong heads do not pass for a right
+    gap."""
+    if not lf_files:
+        return {}
+    nan = float('nan')
+    parts = lf_parts(run_dir, lf)
+    if parts is None:
+        return {
+            'heldout_lf_energy_bias': nan,
+            'heldout_gap_mae': nan,
+            'heldout_gap_bias': nan,
+        }
+    _, lp = MethodModel(parts).predict_files(lf_files)
+    hf_ref, hf_e = np.asarray(pred.e_ref, float), np.asarray(pred.e_pred, float)
+    lf_ref, lf_e = np.asarray(lp.e_ref, float), np.asarray(lp.e_pred, float)
+    if len(lf_ref) != len(hf_ref):
+        raise SystemExit('--heldout-lf must hold the --heldout structures, in order')
+    gap_err = (hf_e - lf_e) - (hf_ref - lf_ref)
+    return {
+        'heldout_lf_energy_bias': 1000 * float(np.nanmean(lf_e - lf_ref)),
+        'heldout_gap_mae': 1000 * float(np.nanmean(np.abs(gap_err))),
+        'heldout_gap_bias': 1000 * float(np.nanmean(gap_err)),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('input', help='methods YAML (sevenn_mf.analysis.methods)')
     p.add_argument(
-        '--split', required=True, choices=['x_In', 'strain', 'distortion']
+        '--split', choices=['x_In', 'strain', 'distortion'], help='or --heldout'
+    )
+    p.add_argument(
+        '--heldout',
+        nargs='+',
+        help='score on these files (HF fidelity) and train on the whole HF pool',
+    )
+    p.add_argument(
+        '--heldout-lf',
+        nargs='+',
+        help='the same structures as --heldout (same order) at the LF fidelity: '
+        "adds the LF head there and the error of the heads' gap",
     )
     p.add_argument('--variants', required=True, help='YAML list of variants')
     p.add_argument('-w', '--working-dir', required=True)
     p.add_argument('--seeds', nargs='+', type=int, default=[1])
     p.add_argument('--only', nargs='+', help='run only these variant names')
     args = p.parse_args()
+    if (args.split is None) == (args.heldout is None):
+        p.error('give one of --split and --heldout')
 
-    from sevenn_mf.analysis.learning_curve import hf_pool, write_subset
+    from sevenn_mf.analysis.learning_curve import hf_pool, lf_parts, write_subset
     from sevenn_mf.analysis.methods import read_method_input, run_method
     from sevenn_mf.analysis.predict import MethodModel
     from sevenn_mf.checkpoint import Checkpoint
@@ -122,15 +170,17 @@ def main() -> None:
     out = os.path.abspath(args.working_dir)
     os.makedirs(out, exist_ok=True)
     pool = hf_pool(mi)
-    train_idx, held_idx = split_pool(pool, args.split)
+    if args.heldout:
+        train_idx = list(range(len(pool)))
+        held_files = [os.path.abspath(f) for f in args.heldout]
+        how = ', '.join(held_files)
+    else:
+        train_idx, held_idx = split_pool(pool, args.split)
+        held = write_subset(mi, pool, held_idx, os.path.join(out, 'hf_heldout_part'))
+        held_files = [f for fs in held.values() for f in fs]
+        how = f'{len(held_idx)} held out ({args.split})'
     files = write_subset(mi, pool, train_idx, os.path.join(out, 'hf_train_part'))
-    held = write_subset(mi, pool, held_idx, os.path.join(out, 'hf_heldout_part'))
-    held_files = [f for fs in held.values() for f in fs]
-    print(
-        f'HF pool {len(pool)}: {len(train_idx)} train, {len(held_idx)} held out '
-        f'({args.split})',
-        flush=True,
-    )
+    print(f'HF pool {len(pool)}: {len(train_idx)} train, {how}', flush=True)
     lf = mi.lf_fidelities[0]
     results = os.path.join(out, 'selection.csv')
     rows = []
@@ -140,6 +190,10 @@ def main() -> None:
             run_mi.raw['model'] = _merge(run_mi.raw['model'], var.get('model'))
             run_mi.raw['train'] = _merge(run_mi.raw['train'], var.get('train'))
             run_mi.raw['train']['random_seed'] = seed
+            if var.get('hf_weight') is not None:  # the HF databases' loss weights
+                for db in run_mi.raw['data']['databases']:
+                    if db.get('fidelity') == mi.hf_fidelity:
+                        db['weight'] = dict(var['hf_weight'])
             if var.get('mf') is not None:  # train.mf of the methods YAML
                 run_mi.mf = dict(var['mf'])
             d = os.path.join(out, var['name'], f's{seed}')
@@ -186,6 +240,7 @@ def main() -> None:
                 'heldout_force_mae': err['force MAE (meV/Å)'],
                 'lf_valid_energy_mae': float(lf_row['energy_mae']),
                 'lf_valid_force_mae': float(lf_row['force_mae']),
+                **_heads(args.heldout_lf, d, lf, pred, lf_parts, MethodModel),
                 'epochs': max(int(r['epoch']) for r in metrics),
                 'best_epoch': best,
                 'seconds': round(res.seconds_total or time.time() - t0),
@@ -206,8 +261,11 @@ def main() -> None:
         '\n| variant | seed | held-out HF energy MAE (bias) meV/atom | same without '
         'the offset | held-out HF force MAE meV/Å | LF validation energy / force MAE '
         '| epochs (best) | s |'
+        + (' held-out LF head bias | gap MAE (bias) |' if args.heldout_lf else '')
     )
-    print('|---|---|---|---|---|---|---|---|')
+    print(
+        '|---|---|---|---|---|---|---|---|' + ('---|---|' if args.heldout_lf else '')
+    )
     for r in rows:
         print(
             f'| {r["variant"]} | {r["seed"]} | {r["heldout_energy_mae"]:.1f} '
@@ -215,6 +273,12 @@ def main() -> None:
             f'{r["heldout_force_mae"]:.0f} | '
             f'{r["lf_valid_energy_mae"]:.1f} / {r["lf_valid_force_mae"]:.0f} | '
             f'{r["epochs"]} ({r["best_epoch"]}) | {r["seconds"]} |'
+            + (
+                f' {r["heldout_lf_energy_bias"]:+.1f} | {r["heldout_gap_mae"]:.1f} '
+                f'({r["heldout_gap_bias"]:+.1f}) |'
+                if args.heldout_lf
+                else ''
+            )
         )
 
 

@@ -475,3 +475,39 @@ def test_mf_started_from_the_shared_lf_model(tmp_path, cell):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(MethodError, match='train.mf.init must be one of'):
         read_method_input(str(bad))
+
+
+def test_indexed_recipe_from_lf_and_uncoupled_keeps_sevenns_layers(tmp_path, cell):
+    """The InGaN recipe (``fidelity_layer_mode: indexed``, ``mf: {init: lf}``):
+    the MF stage converts the shared LF model to per-fidelity weight
+    matrices; ``mf-uncoupled`` stays sevenn's one-hot layers whatever the
+    template says."""
+    import torch
+
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.methods import read_method_input, run_method
+
+    path = _methods_yaml(tmp_path, mf={'init': 'lf'})
+    raw = yaml.safe_load(path.read_text())
+    raw['model']['fidelity_layer_mode'] = 'indexed'
+    path.write_text(yaml.safe_dump(raw))
+    mi = read_method_input(str(path))
+    shared = str(tmp_path / 'shared')
+    res = run_method(mi, 'mf', str(tmp_path / 'mf'), screen=False, shared_dir=shared)
+    unc = run_method(
+        mi, 'mf-uncoupled', str(tmp_path / 'unc'), screen=False, shared_dir=shared
+    )
+    mode = {
+        name: torch.load(r.parts[0][0], weights_only=False)['config'][
+            'fidelity_layer_mode'
+        ]
+        for name, r in (('mf', res), ('mf-uncoupled', unc))
+    }
+    assert mode == {'mf': 'indexed', 'mf-uncoupled': 'onehot'}
+    assert unc.stages[0].checkpoint == res.stages[0].checkpoint  # one LF model
+    sd = torch.load(res.parts[0][0], weights_only=False)['model_state_dict']
+    assert any(k.endswith('delta_weight') for k in sd)
+    a = cell.repeat((1, 1, 2))
+    for fid in ('pbe', 'r2scan'):
+        a.calc = SevenNetMFCalculator(res.parts[0][0], fid)
+        assert np.isfinite(a.get_potential_energy())

@@ -41,8 +41,8 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
 ``mf-uncoupled``
     Multi-fidelity training as it was before coupled heads, for comparison:
     the YAML without ``train.coupling`` and with sevenn's fidelity-dependent
-    positions (self-interaction intro / outro and output block); its
-    ``train.mf`` applies.
+    positions (self-interaction intro / outro and output block) and one-hot
+    layers; its ``train.mf`` applies.
 
 ``train.min_epoch_length: M`` makes a stage whose training set is smaller
 than M (and whose own ``data.sampling`` draws fewer) draw M structures per
@@ -734,9 +734,10 @@ def run_method(
             train_extra=extra,
             coupling=method != 'mf-uncoupled',
         )
-        if method == 'mf-uncoupled':  # as before coupled heads: sevenn's positions
+        if method == 'mf-uncoupled':  # as before coupled heads: sevenn's layers
             raw['model'].update({k: True for k in LEGACY_POSITIONS})
             raw['model']['use_modal_node_embedding'] = False
+            raw['model']['fidelity_layer_mode'] = 'onehot'
         stages.append(stage('mf' if method == 'mf-transfer' else method, raw))
         parts = [(stages[-1].checkpoint, hf)]
         if method == 'mf-transfer':
