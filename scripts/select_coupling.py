@@ -102,13 +102,16 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def _heads(lf_files, run_dir, lf, pred, lf_parts, MethodModel) -> dict:
+def _heads(lf_files, run_dir, lf, pred) -> dict:
     """The LF head on the held-out structures' LF labels, and the error of
     the heads' gap (HF head - LF head against HF label - LF label): which head
     an HF error comes from, so that two wrong heads do not pass for a right
     gap."""
     if not lf_files:
         return {}
+    from sevenn_mf.analysis.learning_curve import lf_parts
+    from sevenn_mf.analysis.predict import MethodModel
+
     nan = float('nan')
     parts = lf_parts(run_dir, lf)
     if parts is None:
@@ -155,7 +158,7 @@ def main() -> None:
     if (args.split is None) == (args.heldout is None):
         p.error('give one of --split and --heldout')
 
-    from sevenn_mf.analysis.learning_curve import hf_pool, lf_parts, write_subset
+    from sevenn_mf.analysis.learning_curve import hf_pool, write_subset
     from sevenn_mf.analysis.methods import read_method_input, run_method
     from sevenn_mf.analysis.predict import MethodModel
     from sevenn_mf.checkpoint import Checkpoint
@@ -240,7 +243,7 @@ def main() -> None:
                 'heldout_force_mae': err['force MAE (meV/Å)'],
                 'lf_valid_energy_mae': float(lf_row['energy_mae']),
                 'lf_valid_force_mae': float(lf_row['force_mae']),
-                **_heads(args.heldout_lf, d, lf, pred, lf_parts, MethodModel),
+                **_heads(args.heldout_lf, d, lf, pred),
                 'epochs': max(int(r['epoch']) for r in metrics),
                 'best_epoch': best,
                 'seconds': round(res.seconds_total or time.time() - t0),

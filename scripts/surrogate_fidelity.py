@@ -119,9 +119,15 @@ def gap(coef, atoms):
     return float(e_row @ coef), (f_rows @ coef).reshape(-1, 3)
 
 
-def _paired(hf, lf):
-    by_key = {(b.info['set'], int(b.info['index'])): b for b in lf}
-    return [by_key[(a.info['set'], int(a.info['index']))] for a in hf]
+def _paired(hf_file, lf_file):
+    """The LF file's structures in the HF file's order, matched as Δ-learning
+    matches them (set / index, checked to be the same structure)."""
+    from sevenn_mf.analysis.delta import pair_frames
+    from sevenn_mf.data.databases import read_frames
+
+    lf = ase.io.read(lf_file, ':')
+    pairs = pair_frames(read_frames(hf_file), read_frames(lf_file))
+    return [lf[lf_frame.index] for _, lf_frame in pairs]
 
 
 def main(argv=None):  # noqa: C901
@@ -139,7 +145,7 @@ def main(argv=None):  # noqa: C901
     args = p.parse_args(argv)
 
     hf = ase.io.read(DATA / 'hf_train_r2scan.extxyz', ':')
-    hf_pbe = _paired(hf, ase.io.read(DATA / 'hf_train_pbe.extxyz', ':'))
+    hf_pbe = _paired(DATA / 'hf_train_r2scan.extxyz', DATA / 'hf_train_pbe.extxyz')
     if args.delta:
         from sevenn_mf.calculator import SevenNetMFCalculator
 
@@ -168,27 +174,17 @@ def main(argv=None):  # noqa: C901
 
     pool = ase.io.read(DATA / 'lf_train_pbe.extxyz', ':')
     x = np.array([a.info['x_In'] for a in pool])
-    surr = []
+    surr, g = [], []
     for a in pool:
         e, f = gap_of(a)
         b = a.copy()
-        b.calc = None
-        b.info = dict(
-            a.info, fidelity='r2scan'
-        )  # set/index kept: pairs with the PBE cell
-        b.arrays.pop('forces', None)
-        b.info.pop('stress', None)
+        b.info = dict(a.info, fidelity='r2scan')  # set/index kept: pairs with a
         b.calc = SinglePointCalculator(
             b, energy=a.get_potential_energy() + e, forces=a.get_forces() + f
         )
         surr.append(b)
-    g = np.array(
-        [
-            s.get_potential_energy() - a.get_potential_energy()
-            for s, a in zip(surr, pool)
-        ]
-    )
-    g /= np.array([len(a) for a in pool])
+        g.append(e / len(a))
+    g = np.array(g)
     mean = {v: g[x == v].mean() for v in sorted(set(x))}
     bow = 1000 * (mean[0.5] - 0.5 * (mean[0.0] + mean[1.0]))
     print(
