@@ -441,6 +441,21 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
         raise
 
 
+def remove_stale_saves(folder: PathLike) -> List[str]:
+    """Delete what :func:`atomic_torch_save` leaves when its process is
+    killed mid-write (SIGKILL runs no cleanup): the hidden ``.<name>*.tmp``
+    beside each ``.pth``. The ``.pth`` files themselves are whole either way.
+    For a run's owner only (a resume), never while another process writes
+    there. Returns the removed paths."""
+    import glob
+
+    removed = []
+    for tmp in glob.glob(os.path.join(os.fspath(folder), '.*.pth*.tmp')):
+        os.unlink(tmp)
+        removed.append(tmp)
+    return removed
+
+
 def save_checkpoint(
     path: PathLike, model: torch.nn.Module, config: Dict[str, Any], **extra: Any
 ) -> None:

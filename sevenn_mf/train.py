@@ -32,7 +32,7 @@ from sevenn.train.trainer import Trainer
 from . import _sevenn as S
 from . import finetune
 from ._sevenn import KEY
-from .checkpoint import atomic_torch_save, read_training_state
+from .checkpoint import atomic_torch_save, read_training_state, remove_stale_saves
 from .config import check_config
 from .coupling import (
     CouplingLoss,
@@ -626,6 +626,7 @@ def train(
     if resume:
         resumed = read_training_state(last)  # one clear error for a broken file
         check_resume((resumed.get('sevenn_mf') or {}).get('run'), config, last)
+        remove_stale_saves(working_dir)  # a kill mid-write left them
     check_options(config)
     run_fingerprint = fingerprint(config)
     seed = int(config.get(KEY.RANDOM_SEED, 1))

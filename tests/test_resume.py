@@ -172,3 +172,21 @@ def test_loading_a_checkpoint_leaves_the_next_runs_config_alone(tmp_path):
     assert cp.config  # sevenn's own config routine ran
     assert dict(C.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG) == table
     assert fingerprint(_config(tmp_path, _raw(tmp_path, epochs=1))) == before
+
+
+def test_resume_removes_what_a_killed_save_left(tmp_path):
+    """atomic_torch_save killed mid-write leaves a hidden temporary beside the
+    whole checkpoint; remove_stale_saves (called on resume) deletes exactly
+    those, not checkpoints or other hidden files."""
+    import torch
+
+    from sevenn_mf.checkpoint import atomic_torch_save, remove_stale_saves
+
+    atomic_torch_save({'epoch': 3}, tmp_path / 'checkpoint_last.pth')
+    stale = tmp_path / '.checkpoint_last.pthq1w2e3r4.tmp'
+    stale.write_bytes(b'half a checkpoint')
+    other = tmp_path / '.results.lock'
+    other.write_text('')
+    assert remove_stale_saves(tmp_path) == [str(stale)]
+    assert not stale.exists() and other.exists()
+    assert torch.load(tmp_path / 'checkpoint_last.pth')['epoch'] == 3
