@@ -384,6 +384,7 @@ class CouplingLoss:
         ptr = torch.cumsum(batch[KEY.NUM_ATOMS].reshape(-1), 0)
         start = torch.cat([ptr.new_zeros(1), ptr[:-1]])
         net = net_atomic_energy(batch, model)
+        dev = net.device  # index tensors made here go where the batch is (GPU)
         modal = batch[KEY.MODAL_TYPE].reshape(-1)
         terms: Dict[str, List[torch.Tensor]] = {k: [] for k in FUNCTION_WEIGHTS}
         for f in self.targets:
@@ -394,17 +395,27 @@ class CouplingLoss:
             ]
             if not sel:
                 continue
-            node_c = torch.cat([torch.arange(start[c], ptr[c]) for c, _ in sel])
-            node_o = torch.cat([torch.arange(start[o], ptr[o]) for _, o in sel])
+            node_c = torch.cat(
+                [
+                    torch.arange(int(start[c]), int(ptr[c]), device=dev)
+                    for c, _ in sel
+                ]
+            )
+            node_o = torch.cat(
+                [
+                    torch.arange(int(start[o]), int(ptr[o]), device=dev)
+                    for _, o in sel
+                ]
+            )
             owner = torch.cat(
                 [
-                    torch.full((int(ptr[c] - start[c]),), k)
+                    torch.full((int(ptr[c] - start[c]),), k, device=dev)
                     for k, (c, _) in enumerate(sel)
                 ]
             )
             n_atoms = torch.bincount(owner, minlength=len(sel)).to(net.dtype)
             diff = net[node_c] - net[node_o].detach()
-            per_atom = torch.zeros(len(sel), dtype=net.dtype).index_add(
+            per_atom = torch.zeros(len(sel), dtype=net.dtype, device=dev).index_add(
                 0, owner, diff
             )
             per_atom = per_atom / n_atoms
@@ -425,8 +436,8 @@ class CouplingLoss:
                     if bool(torch.isfinite(batch[KEY.STRESS][o]).all())
                 ]
                 if stressed:
-                    cs = torch.tensor([c for c, _ in stressed])
-                    os_ = torch.tensor([o for _, o in stressed])
+                    cs = torch.tensor([c for c, _ in stressed], device=dev)
+                    os_ = torch.tensor([o for _, o in stressed], device=dev)
                     sd = (
                         batch[KEY.PRED_STRESS][cs]
                         - batch[KEY.PRED_STRESS][os_].detach()
@@ -442,6 +453,7 @@ class CouplingLoss:
             groups = torch.zeros(len(structures), dtype=torch.long)
         else:
             groups = composition_groups(batch, structures)
+        groups = groups.to(per_atom.device)
         size = torch.bincount(groups).to(per_atom.dtype)
         mean = torch.zeros_like(size).index_add(0, groups, per_atom) / size
         keep = size[groups] > 1

@@ -17,7 +17,7 @@ from .data.databases import read_frames, validate_frames
 from .data.graphs import build_graphs
 from .gap import GapRange, Gaps, head_gaps
 from .metrics import EV_A3_TO_GPA
-from .model import resolve_fidelity
+from .model import model_device, resolve_fidelity
 
 
 @dataclass
@@ -68,8 +68,9 @@ def predict(
         if fidelity is not None:
             g[KEY.DATA_MODALITY] = fidelity
     out = Predictions()
+    device = model_device(model)
     for batch in DataLoader(list(graphs), batch_size=batch_size):
-        res = model(batch)
+        res = model(batch.to(device)).cpu()
         n = res[KEY.NUM_ATOMS].reshape(-1).detach().numpy().astype(int)
         e_ref = res[KEY.ENERGY].reshape(-1).detach().numpy() / n
         e_pred = res[KEY.PRED_TOTAL_ENERGY].reshape(-1).detach().numpy() / n

@@ -62,7 +62,12 @@ from . import _sevenn as S
 from ._sevenn import CONST, KEY
 from .convert import convert
 from .data.references import fit_reference_energies
-from .model import build_model, fidelity_layers, fidelity_parameter_names
+from .model import (
+    build_model,
+    fidelity_layers,
+    fidelity_parameter_names,
+    model_device,
+)
 from .nn.fidelity_linear import instruction_map
 
 FIT_TO_PRETRAINED = 'fit_to_pretrained'
@@ -233,9 +238,10 @@ def predict_energies(
     model.eval()
     model.set_is_batch_data(True)
     out = []
+    device = model_device(model)
     for batch in DataLoader(graphs, batch_size=batch_size, shuffle=False):
-        res = model(batch)
-        out.append(res[KEY.PRED_TOTAL_ENERGY].detach().reshape(-1).double())
+        res = model(batch.to(device))
+        out.append(res[KEY.PRED_TOTAL_ENERGY].detach().reshape(-1).double().cpu())
     model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros(0)
 

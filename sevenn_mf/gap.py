@@ -26,7 +26,7 @@ import torch
 from torch_geometric.loader import DataLoader
 
 from ._sevenn import KEY
-from .model import fidelity_names
+from .model import fidelity_names, model_device
 
 RESCALE = 'rescale_atomic_energy'
 
@@ -73,11 +73,12 @@ def _predict_at(model, graphs: Sequence[Any], fidelity: str, batch_size: int):
     e_out, f_out = [], []
     for g in graphs:
         g[KEY.DATA_MODALITY] = fidelity
+    device = model_device(model)
     for batch in DataLoader(list(graphs), batch_size=batch_size, shuffle=False):
-        out = model(batch)
-        net = net_atomic_energy(out, model).detach().double()
+        out = model(batch.to(device))
+        net = net_atomic_energy(out, model).detach().double().cpu()
         n = out[KEY.NUM_ATOMS].reshape(-1).tolist()
-        forces = out[KEY.PRED_FORCE].detach().double()
+        forces = out[KEY.PRED_FORCE].detach().double().cpu()
         for e, f in zip(net.split(n), forces.split(n)):
             e_out.append(float(e.sum()) / len(e))
             f_out.append(f.numpy())

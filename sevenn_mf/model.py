@@ -207,3 +207,10 @@ def fold(
     plain.load_state_dict(dst, strict=True)
     plain.train(model.training)
     return plain, cfg
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's parameters are: batches built on the CPU (our
+    DataLoaders) go there before a forward pass."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device('cpu')

@@ -511,3 +511,35 @@ def test_indexed_recipe_from_lf_and_uncoupled_keeps_sevenns_layers(tmp_path, cel
     for fid in ('pbe', 'r2scan'):
         a.calc = SevenNetMFCalculator(res.parts[0][0], fid)
         assert np.isfinite(a.get_potential_energy())
+
+
+def test_mf_stage_started_from_lf_takes_its_own_learning_rate(tmp_path):
+    """``train.mf.lr`` sets the learning rate of the multi-fidelity stage
+    only (a fine-tune of the LF model); the shared LF stage keeps the
+    template's; a value that is not a positive number is refused up front."""
+    import torch
+
+    from sevenn_mf.analysis.methods import (
+        MethodError,
+        read_method_input,
+        run_method,
+    )
+
+    path = _methods_yaml(tmp_path, mf={'init': 'lf', 'lr': 0.0007})
+    mi = read_method_input(str(path))
+    res = run_method(
+        mi, 'mf', str(tmp_path / 'mf'), screen=False, shared_dir=str(tmp_path / 's')
+    )
+    lr = {
+        s.name: torch.load(s.checkpoint, weights_only=False)['config'][
+            'optim_param'
+        ]['lr']
+        for s in res.stages
+    }
+    assert lr['mf'] == pytest.approx(0.0007)
+    assert lr['lf'] == pytest.approx(mi.raw['train']['optim_param']['lr'])
+    assert lr['lf'] != pytest.approx(0.0007)
+    for bad in (-1, 0, 'fast', True):
+        path = _methods_yaml(tmp_path, mf={'init': 'lf', 'lr': bad})
+        with pytest.raises(MethodError, match='train.mf.lr'):
+            read_method_input(str(path))

@@ -31,7 +31,9 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     from scratch: every fidelity head begins as the LF one (the HF element
     references refitted to its predictions, as in ``transfer``), then all
     databases train together. Options: ``init`` (``scratch``, the default,
-    or ``lf``), ``lf_epochs``.
+    or ``lf``), ``lf_epochs``, ``lr`` (the multi-fidelity stage's learning
+    rate, default ``optim_param.lr``: a model started from the LF one is
+    fine-tuned, and Adam's first steps at a from-scratch rate undo its fit).
 ``mf-transfer``
     ``mf`` (with its ``train.mf``), then stage ``finetune``: that model
     fine-tuned on the HF databases alone, as ``transfer`` fine-tunes its LF
@@ -222,6 +224,11 @@ def method_input_from_dict(
         raise MethodError(
             f'train.mf.init must be one of {", ".join(MF_INITS)}, got {mf["init"]!r}'
         )
+    lr = mf.get('lr')
+    if lr is not None and (
+        isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
+    ):
+        raise MethodError(f'train.mf.lr must be a positive number, got {lr!r}')
     mel = opts.get('min_epoch_length')
     if mel is not None and (not isinstance(mel, int) or mel < 1):
         raise MethodError(
@@ -731,6 +738,7 @@ def run_method(
             best_fidelity=hf,
             epochs=E,
             mode=mode,
+            lr=mi.mf.get('lr'),
             train_extra=extra,
             coupling=method != 'mf-uncoupled',
         )
