@@ -5,6 +5,7 @@ learning curves, mixing energies, energies above hull. Fast (tiny models,
 import csv
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -543,3 +544,31 @@ def test_mf_stage_started_from_lf_takes_its_own_learning_rate(tmp_path):
         path = _methods_yaml(tmp_path, mf={'init': 'lf', 'lr': bad})
         with pytest.raises(MethodError, match='train.mf.lr'):
             read_method_input(str(path))
+
+
+def test_gpu_run_sets_the_device_at_training_time(tmp_path, monkeypatch):
+    """scripts/gpu_run.py: every training of the wrapped script gets
+    ``device: cuda``, set as it starts (run_stage has fingerprinted the
+    stage's YAML by then, so reused stages stay reused)."""
+    import runpy
+    import sys
+
+    import sevenn_mf.train as T
+
+    seen = []
+    monkeypatch.setattr(
+        T, 'train', lambda config, *a, **k: seen.append(dict(config))
+    )
+    script = tmp_path / 'run.py'
+    script.write_text(
+        'import sevenn_mf.train as T\n'
+        "raw = {'device': 'cpu', 'epoch': 3}\n"
+        "T.train(raw, 'wd')\n"
+    )
+    gpu_run = runpy.run_path(
+        str(Path(__file__).resolve().parents[1] / 'scripts' / 'gpu_run.py'),
+        run_name='gpu_run',
+    )
+    monkeypatch.setattr(sys, 'argv', ['gpu_run.py', str(script)])
+    gpu_run['main']()
+    assert seen == [{'device': 'cuda', 'epoch': 3}]
