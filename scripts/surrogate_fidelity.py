@@ -100,10 +100,8 @@ def fit(hf, lf, force_weight=0.3, ridge=1e-6):
     rows, target, weight = [], [], []
     for a, b in zip(hf, lf):
         e_row, f_rows = design(b)  # the gap as a function of the shared geometry
-        (
-            rows.append(e_row[None]),
-            target.append([a.get_potential_energy() - b.get_potential_energy()]),
-        )
+        rows.append(e_row[None])
+        target.append([a.get_potential_energy() - b.get_potential_energy()])
         weight.append([1.0 / len(b)])
         rows.append(f_rows)
         target.append((a.get_forces() - b.get_forces()).reshape(-1))

@@ -381,35 +381,31 @@ class CouplingLoss:
         pairs = pairs_in_batch(batch)
         if not pairs:
             return {}
-        ptr = torch.cumsum(batch[KEY.NUM_ATOMS].reshape(-1), 0)
-        start = torch.cat([ptr.new_zeros(1), ptr[:-1]])
+        # read once as Python numbers: on a GPU every int() of a tensor element
+        # is a device sync, and the loops below index per structure
+        ptr = torch.cumsum(batch[KEY.NUM_ATOMS].reshape(-1), 0).tolist()
+        start = [0] + ptr[:-1]
         net = net_atomic_energy(batch, model)
         dev = net.device  # index tensors made here go where the batch is (GPU)
-        modal = batch[KEY.MODAL_TYPE].reshape(-1)
+        modal = batch[KEY.MODAL_TYPE].reshape(-1).tolist()
+
+        def nodes(structures):
+            return torch.cat(
+                [torch.arange(start[s], ptr[s], device=dev) for s in structures]
+            )
+
         terms: Dict[str, List[torch.Tensor]] = {k: [] for k in FUNCTION_WEIGHTS}
         for f in self.targets:
             sel = [
-                (c, o)
-                for c, o in pairs
-                if int(modal[c]) == f and int(modal[o]) == self.anchor
+                (c, o) for c, o in pairs if modal[c] == f and modal[o] == self.anchor
             ]
             if not sel:
                 continue
-            node_c = torch.cat(
-                [
-                    torch.arange(int(start[c]), int(ptr[c]), device=dev)
-                    for c, _ in sel
-                ]
-            )
-            node_o = torch.cat(
-                [
-                    torch.arange(int(start[o]), int(ptr[o]), device=dev)
-                    for _, o in sel
-                ]
-            )
+            node_c = nodes([c for c, _ in sel])
+            node_o = nodes([o for _, o in sel])
             owner = torch.cat(
                 [
-                    torch.full((int(ptr[c] - start[c]),), k, device=dev)
+                    torch.full((ptr[c] - start[c],), k, device=dev)
                     for k, (c, _) in enumerate(sel)
                 ]
             )
