@@ -8,8 +8,10 @@ epoch so that load from other jobs hits them alike).
 
 Variants: no coupling; parameter-space only; function-space on half the
 batches (fraction 0.5); function-space on every batch; both (the recipe of
-the YAML if it has one). The same model, data, batch and seed for all; each
-epoch is ``--steps`` optimizer steps drawn with sevenn_mf's sampler.
+the YAML if it has one). ``--radial`` adds no coupling and the YAML's recipe
+with fidelity radial networks (``model.fidelity_radial: true``). The same
+model, data, batch and seed for all; each epoch is ``--steps`` optimizer
+steps drawn with sevenn_mf's sampler.
 """
 
 from __future__ import annotations
@@ -26,6 +28,11 @@ def main() -> None:
     p.add_argument('--reps', type=int, default=5)
     p.add_argument('--steps', type=int, default=16)
     p.add_argument('-w', '--working-dir', default='/tmp/bench_coupling')
+    p.add_argument(
+        '--radial',
+        action='store_true',
+        help='also time fidelity radial networks (none; the YAML recipe)',
+    )
     args = p.parse_args()
 
     from sevenn_mf.analysis.methods import read_method_input, stage_raw
@@ -45,10 +52,16 @@ def main() -> None:
     }
     if recipe and recipe not in variants.values():
         variants['the YAML recipe'] = recipe
+    models = {name: {} for name in variants}  # model-section overrides
+    if args.radial:
+        for name, cpl in [('none', {}), ('the YAML recipe', recipe)]:
+            variants[f'{name}, fidelity radial networks'] = cpl
+            models[f'{name}, fidelity radial networks'] = {'fidelity_radial': True}
     runs = {}
     for name, cpl in variants.items():
         raw = copy.deepcopy(base)
         raw['train']['coupling'] = cpl
+        raw['model'].update(models[name])
         raw['train'].pop('early_stopping', None)
         batch = int(raw['data'].get('batch_size', 8))
         raw['data']['sampling'] = {

@@ -6,8 +6,16 @@ version check); plain sevenn models are unaffected.
 
 from . import _sevenn
 from .nn.fidelity_linear import FidelityLinear
+from .nn.fidelity_radial import (
+    EDGE_EMBEDDING_FIDELITY,
+    EdgeFidelity,
+    FidelityRadialNet,
+)
 
-_sevenn.install_hooks(FidelityLinear.from_irreps_linear)
+_sevenn.install_hooks(
+    FidelityLinear.from_irreps_linear,
+    (FidelityRadialNet, EdgeFidelity, EDGE_EMBEDDING_FIDELITY),
+)
 
 from .calculator import SevenNetMFCalculator  # noqa: E402
 from .checkpoint import Checkpoint, list_fidelities, load_checkpoint  # noqa: E402

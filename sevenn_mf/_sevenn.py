@@ -17,7 +17,9 @@ multi-modal one builds exactly as without sevenn_mf.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections import OrderedDict
 from typing import Any, Dict
 
 import sevenn
@@ -52,6 +54,7 @@ import sevenn._const as CONST  # noqa: E402
 import sevenn._keys as KEY  # noqa: E402
 import sevenn.model_build as _model_build  # noqa: E402
 import sevenn.util as _sevenn_util  # noqa: E402
+from sevenn.nn.convolution import IrrepsConvolution  # noqa: E402
 from sevenn.nn.linear import IrrepsLinear  # noqa: E402
 from sevenn.train.dataload import _set_atoms_y  # noqa: E402
 from sevenn.train.graph_dataset import SevenNetGraphDataset  # noqa: E402
@@ -63,6 +66,9 @@ from sevenn.train.graph_dataset import SevenNetGraphDataset  # noqa: E402
 # and deploy machinery keep working on our models.
 FIDELITY_LAYER_MODE = 'fidelity_layer_mode'  # 'onehot' | 'indexed' | None
 FIDELITIES = 'fidelities'  # list of names; index = position
+# per-fidelity last layer of every convolution's radial network (sevenn_mf's
+# position, not sevenn's: sevenn_mf.nn.fidelity_radial)
+FIDELITY_RADIAL = 'fidelity_radial'
 # train section
 BEST_FIDELITY = 'best_fidelity'
 FREEZE_SHARED = 'freeze_shared'
@@ -73,6 +79,7 @@ PRETRAINED_ADD = 'pretrained_add'  # {new fidelity: existing one it starts from}
 FIT_NEW_REFERENCES = 'fit_new_references'
 COUPLING = 'coupling'  # coupled fidelity heads (sevenn_mf.coupling)
 EARLY_STOPPING = 'early_stopping'  # {patience, min_delta} (sevenn_mf.train)
+EMA_DECAY = 'ema_decay'  # weight average for validation/checkpoints (sevenn_mf.ema)
 # data section
 DATABASES = 'databases'
 REFERENCE_ENERGIES = 'reference_energies'
@@ -91,6 +98,9 @@ MODAL_POSITION_KEYS = {
     KEY.USE_MODAL_SELF_INTER_OUTRO: 'self_interaction_2',
     KEY.USE_MODAL_OUTPUT_BLOCK: 'reduce_input_to_hidden',
 }
+# every fidelity-dependent position a config can switch on (the linear ones
+# above, and the radial networks)
+POSITION_FLAGS = tuple(MODAL_POSITION_KEYS) + (FIDELITY_RADIAL,)
 
 
 def _mode_ok(v: Any) -> bool:
@@ -99,7 +109,11 @@ def _mode_ok(v: Any) -> bool:
 
 def _register_config_keys() -> None:
     """Make sevenn's config parser accept, validate and save our keys."""
-    model_keys = {FIDELITY_LAYER_MODE: (None, _mode_ok), FIDELITIES: ([], list)}
+    model_keys = {
+        FIDELITY_LAYER_MODE: (None, _mode_ok),
+        FIDELITIES: ([], list),
+        FIDELITY_RADIAL: (False, bool),
+    }
     train_keys = {
         BEST_FIDELITY: (None, lambda v: v is None or isinstance(v, str)),
         FREEZE_SHARED: (False, bool),
@@ -110,6 +124,10 @@ def _register_config_keys() -> None:
         FIT_NEW_REFERENCES: (False, bool),
         COUPLING: ({}, lambda v: isinstance(v, (dict, bool))),
         EARLY_STOPPING: ({}, lambda v: isinstance(v, dict)),
+        EMA_DECAY: (
+            0.0,
+            lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        ),
     }
     data_keys = {
         DATABASES: ([], list),
@@ -161,6 +179,12 @@ def patch_fidelity_layers(layers, config: Dict[str, Any]):
     """
     mode = config.get(FIDELITY_LAYER_MODE)
     if not mode or not config.get(KEY.USE_MODALITY, False):
+        if config.get(FIDELITY_RADIAL) and config.get(KEY.USE_MODALITY, False):
+            raise ValueError(
+                f'{FIDELITY_RADIAL}: true needs {FIDELITY_LAYER_MODE} '
+                f"(onehot or indexed); sevenn's own multi-modal models have no "
+                'fidelity-dependent radial networks'
+            )
         return _native_patch_modality(layers, config)
     if _fidelity_layer is None:
         raise RuntimeError('sevenn_mf hooks installed without a fidelity layer')
@@ -168,19 +192,53 @@ def patch_fidelity_layers(layers, config: Dict[str, Any]):
     for name, module in list(layers.items()):
         if isinstance(module, IrrepsLinear) and _is_fidelity_position(name, config):
             layers[name] = _fidelity_layer(module, n_fid, mode)
+    if config.get(FIDELITY_RADIAL):
+        layers = _patch_radial(layers, n_fid)
     return layers
+
+
+def _patch_radial(layers, n_fid: int):
+    """Every convolution's radial network built per fidelity, reading the
+    edge embedding with the edge's fidelity appended (a module inserted after
+    sevenn's edge embedding)."""
+    if _fidelity_radial is None:
+        raise RuntimeError('sevenn_mf hooks installed without a radial network')
+    radial_cls, edge_module, edge_key = _fidelity_radial
+    convs = [m for m in layers.values() if isinstance(m, IrrepsConvolution)]
+    if not convs or 'edge_embedding' not in layers:
+        raise ValueError(
+            f'{FIDELITY_RADIAL}: no convolution to make fidelity-dependent'
+        )
+    for conv in convs:
+        if conv.weight_nn is not None:  # sevenn builds them lazily (0.13)
+            raise SevennVersionError(
+                'sevenn built the convolution before the builder hook ran'
+            )
+        conv.weight_nn_cls = functools.partial(radial_cls, num_fidelities=n_fid)
+        conv.key_weight_input = edge_key
+    out = []
+    for name, module in layers.items():
+        out.append((name, module))
+        if name == 'edge_embedding':
+            out.append(('edge_fidelity', edge_module(n_fid)))
+    return OrderedDict(out)
 
 
 # (sevenn's IrrepsLinear, number of fidelities, mode) -> the layer replacing it;
 # registered by sevenn_mf/__init__.py (FidelityLinear.from_irreps_linear), so
 # that this module does not import the layer that imports it
 _fidelity_layer = None
+# (radial network class, edge-fidelity module class, its data key); registered
+# the same way (sevenn_mf.nn.fidelity_radial)
+_fidelity_radial = None
 
 
-def install_hooks(fidelity_layer=None) -> None:
-    global _fidelity_layer
+def install_hooks(fidelity_layer=None, fidelity_radial=None) -> None:
+    global _fidelity_layer, _fidelity_radial
     if fidelity_layer is not None:
         _fidelity_layer = fidelity_layer
+    if fidelity_radial is not None:
+        _fidelity_radial = tuple(fidelity_radial)
     check_sevenn_version()
     for attr in (
         'patch_modality',

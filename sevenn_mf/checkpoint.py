@@ -398,8 +398,7 @@ class Checkpoint:
             ('layer mode', self.layer_mode or '-'),
             (
                 'fidelity positions',
-                ', '.join(k for k in S.MODAL_POSITION_KEYS if self.config.get(k))
-                or '-',
+                ', '.join(k for k in S.POSITION_FLAGS if self.config.get(k)) or '-',
             ),
             ('species', ', '.join(self.species)),
             ('cutoff', f'{self.cutoff:g} Å'),

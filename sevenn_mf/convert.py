@@ -40,6 +40,7 @@ from .model import (
     convert_layer_mode,
     fidelity_layers,
     fidelity_names,
+    fidelity_radial_nets,
     set_fidelities,
 )
 from .nn.fidelity_linear import FidelityLinear, instruction_map
@@ -235,8 +236,68 @@ def remap_fidelities(
     if set(new_layers) != set(old_layers):
         raise ConvertError('fidelity layer positions differ after rebuilding')
     states = {n: remap_layer(old_layers[n], new_layers[n], src) for n in old_layers}
+    if set(fidelity_radial_nets(new_model)) != set(fidelity_radial_nets(model)):
+        raise ConvertError('fidelity radial networks differ after rebuilding')
+    states.update(_radial_states(model, new_model, src))
     _assemble(model, new_model, states)
     return new_model, cfg
+
+
+def _with_radial(
+    model: AtomGraphSequential, config: Dict[str, Any], radial: bool
+) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
+    """The same model with fidelity radial networks added (zero deltas: the
+    computed function is unchanged)."""
+    if not radial:
+        raise ConvertError(
+            'fidelity radial networks cannot be removed from a multi-fidelity '
+            'model (their per-fidelity weights would be lost); fold or export '
+            'one fidelity instead'
+        )
+    cfg = copy.deepcopy(config)
+    cfg[S.FIDELITY_RADIAL] = True
+    new_model = build_model(cfg).to(next(model.parameters()).dtype)
+    old = model.state_dict()
+    state = new_model.state_dict()
+    for k in state:
+        if k.endswith('weight_nn.delta_weight'):
+            state[k] = torch.zeros_like(state[k])
+        else:
+            state[k] = old[k].clone()
+    new_model.load_state_dict(state, strict=True)
+    return new_model, cfg
+
+
+@torch.no_grad()
+def _radial_states(
+    model: AtomGraphSequential,
+    new_model: AtomGraphSequential,
+    src: Optional[Sequence[int]] = None,
+) -> Dict[str, Dict[str, torch.Tensor]]:
+    """State dicts of ``new_model``'s convolutions with fidelity radial
+    networks: shared tensors from ``model``, the per-fidelity rows of
+    fidelity j those of ``src[j]`` (zero when ``model`` has none: every
+    fidelity then computes the plain network)."""
+    old = model.state_dict()
+    old_nets = fidelity_radial_nets(model)
+    idx = None if src is None else torch.as_tensor(list(src), dtype=torch.long)
+    out = {}
+    for name in fidelity_radial_nets(new_model):
+        conv = name.split('.', 1)[0]
+        state = {}
+        for k, v in new_model._modules[conv].state_dict().items():
+            if k == 'weight_nn.delta_weight':
+                if name in old_nets and idx is not None:
+                    v = old_nets[name].delta_weight.detach()[idx]
+                else:
+                    v = torch.zeros_like(v)
+            elif f'{conv}.{k}' in old and old[f'{conv}.{k}'].shape == v.shape:
+                v = old[f'{conv}.{k}']
+            else:
+                raise ConvertError(f'parameter {conv}.{k} has no counterpart')
+            state[k] = v.clone()
+        out[conv] = state
+    return out
 
 
 @torch.no_grad()
@@ -251,7 +312,7 @@ def from_plain(
     cfg = copy.deepcopy(config)
     pos = dict(DEFAULT_POSITIONS)
     pos.update(positions or {})
-    unknown = set(pos) - set(S.MODAL_POSITION_KEYS)
+    unknown = set(pos) - set(S.POSITION_FLAGS)
     if unknown:
         raise ConvertError(f'unknown fidelity position keys {sorted(unknown)}')
     if not any(pos.values()):
@@ -272,6 +333,7 @@ def from_plain(
         b = old.get(f'{name}.linear.bias')
         layer.load_plain(w, b if plain_biases else None, plain_biases=plain_biases)
         states[name] = {k: v.clone() for k, v in layer.state_dict().items()}
+    states.update(_radial_states(model, new_model))
     _assemble(model, new_model, states)
     return new_model, cfg
 
@@ -285,6 +347,7 @@ def convert(
     drop: Optional[Sequence[str]] = None,
     mode: Optional[str] = None,
     positions: Optional[Dict[str, bool]] = None,
+    radial: Optional[bool] = None,
 ) -> Tuple[AtomGraphSequential, Dict[str, Any]]:
     """(model, config) of the converted checkpoint (not saved).
 
@@ -294,7 +357,10 @@ def convert(
     without FROM copies. ``add``: ``{new: from or None}``; ``rename``:
     ``{old: new}``; ``drop``: names; ``mode``: 'onehot' | 'indexed' (default:
     the source's mode, onehot for a single-fidelity source); ``positions``:
-    sevenn's ``use_modal_*`` flags for a single-fidelity source.
+    sevenn's ``use_modal_*`` flags (and ``fidelity_radial``) for a
+    single-fidelity source; ``radial``: True adds fidelity radial networks
+    (zero per-fidelity weights: nothing computed changes) to a
+    multi-fidelity source without them, None keeps the source's.
     """
     if mode is not None and mode not in S.LAYER_MODES:
         raise ConvertError(f'mode must be one of {S.LAYER_MODES}, got {mode!r}')
@@ -336,6 +402,8 @@ def convert(
                 new_model, cfg = convert_layer_mode(new_model, cfg, mode)
             except ValueError as exc:
                 raise ConvertError(f'cannot convert to {mode} mode: {exc}') from None
+        if radial is not None and radial != bool(cfg.get(S.FIDELITY_RADIAL)):
+            new_model, cfg = _with_radial(new_model, cfg, radial)
     # the state dict now has the layout of this sevenn's builder
     cfg['version'] = sevenn.__version__
     cfg[KEY.MODEL_TYPE] = 'E3_equivariant_model'

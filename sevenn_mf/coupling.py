@@ -28,7 +28,8 @@ terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
 * **parameter space** (``parameter``, a number or ``{fidelity: number}``): an
   L2 penalty, the mean over entries, on the fidelity-dependent parameters'
   deviation from the anchor's: ``indexed`` layers ΔW_f - ΔW_a and Δb_f - Δb_a;
-  ``onehot`` layers the fidelity's one-hot weight columns minus the anchor's.
+  ``onehot`` layers the fidelity's one-hot weight columns minus the anchor's;
+  fidelity radial networks (``fidelity_radial``) ΔW_f - ΔW_a.
 
 The per-fidelity energy references never enter a penalty. Folding, deploy and
 export are unchanged: coupling only changes what is learned.
@@ -45,7 +46,7 @@ import torch
 from ._sevenn import KEY
 from .data.cross_fidelity import pairs_in_batch
 from .gap import net_atomic_energy
-from .model import fidelity_layers
+from .model import fidelity_layers, fidelity_radial_nets
 from .nn.fidelity_linear import instruction_map
 
 COUPLING = 'coupling'  # train-section key
@@ -296,6 +297,8 @@ def _parameter_slices(model) -> List[Tuple[str, torch.nn.Parameter, Any]]:
         else:
             out.append((name, layer.delta_weight, ('rows',)))
             out.append((name, layer.delta_bias, ('rows',)))
+    for name, net in fidelity_radial_nets(model).items():
+        out.append((name, net.delta_weight, ('rows',)))
     return out
 
 

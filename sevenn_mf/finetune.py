@@ -168,9 +168,15 @@ def load_pretrained(
     mode = config.get(S.FIDELITY_LAYER_MODE) or 'onehot'
     positions = None
     if not existing:
-        positions = {k: bool(config.get(k, False)) for k in S.MODAL_POSITION_KEYS}
+        positions = {k: bool(config.get(k, False)) for k in S.POSITION_FLAGS}
     model, mcfg = convert(
-        cp, source_fidelity=src_fid, add=add, mode=mode, positions=positions
+        cp,
+        source_fidelity=src_fid,
+        add=add,
+        mode=mode,
+        positions=positions,
+        # a fine-tune may add fidelity radial networks to any source
+        radial=True if config.get(S.FIDELITY_RADIAL) else None,
     )
     log(
         f'pretrained {config[S.PRETRAINED]} ({cp.kind}, {cp.path}) -> fidelities '
@@ -186,7 +192,7 @@ def load_pretrained(
         k
         for k in user_keys
         - set(HONOURED_MODEL_KEYS)
-        - set(S.MODAL_POSITION_KEYS)
+        - set(S.POSITION_FLAGS)
         - {S.FIDELITIES}
         if k in CONST.DEFAULT_E3_EQUIVARIANT_MODEL_CONFIG
         or k == KEY.CHEMICAL_SPECIES
@@ -206,7 +212,7 @@ def load_pretrained(
         if k in HONOURED_MODEL_KEYS or k not in mcfg:
             continue
         merged[k] = copy.deepcopy(mcfg[k])
-    for k in S.MODAL_POSITION_KEYS:
+    for k in S.POSITION_FLAGS:
         merged[k] = bool(mcfg.get(k, False))
     for k in (KEY.TRAIN_SHIFT_SCALE, _TRAIN_DENOMINATOR):
         merged[k] = bool(config.get(k, False))

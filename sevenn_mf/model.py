@@ -14,6 +14,7 @@ from sevenn.nn.sequential import AtomGraphSequential
 from . import _sevenn as S
 from ._sevenn import KEY
 from .nn.fidelity_linear import FidelityLinear
+from .nn.fidelity_radial import FidelityRadialNet
 
 # modality keys that a plain (single-fidelity) sevenn config must not carry
 _MODAL_ONLY_KEYS = (
@@ -21,6 +22,7 @@ _MODAL_ONLY_KEYS = (
     KEY.NUM_MODALITIES,
     S.FIDELITIES,
     S.FIDELITY_LAYER_MODE,
+    S.FIDELITY_RADIAL,
 )
 
 
@@ -110,11 +112,22 @@ def fidelity_layers(model: torch.nn.Module) -> Dict[str, FidelityLinear]:
     return {k: m for k, m in model._modules.items() if isinstance(m, FidelityLinear)}
 
 
+def fidelity_radial_nets(model: torch.nn.Module) -> Dict[str, FidelityRadialNet]:
+    """{'<convolution>.weight_nn': its fidelity radial network}."""
+    return {
+        f'{k}.weight_nn': m.weight_nn
+        for k, m in model._modules.items()
+        if isinstance(getattr(m, 'weight_nn', None), FidelityRadialNet)
+    }
+
+
 def fidelity_parameter_names(model: torch.nn.Module) -> List[str]:
-    """Parameters that differ between fidelities (fidelity layers' own and the
-    per-fidelity energy references)."""
+    """Parameters that differ between fidelities (fidelity layers' and radial
+    networks' own, and the per-fidelity energy references)."""
     names = []
     for k, m in fidelity_layers(model).items():
+        names += [f'{k}.{p}' for p in m.fidelity_parameters()]
+    for k, m in fidelity_radial_nets(model).items():
         names += [f'{k}.{p}' for p in m.fidelity_parameters()]
     rescale = model._modules.get('rescale_atomic_energy')
     if rescale is not None and getattr(rescale, 'use_modal_wise_shift', False):
@@ -190,6 +203,10 @@ def fold(
         dst[f'{name}.linear.weight'] = w.to(dst[f'{name}.linear.weight'].dtype)
         dst[f'{name}.linear.bias'] = b.to(dst[f'{name}.linear.bias'].dtype)
         assigned |= {k for k in dst if k.startswith(name + '.')}
+    for name, net in fidelity_radial_nets(model).items():
+        key = f'{name}.{net.last_weight_name()}'
+        dst[key] = net.folded_last_weight(f_idx).to(dst[key].dtype).clone()
+        assigned.add(key)
     for k in ('shift', 'scale'):
         key = f'rescale_atomic_energy.{k}'
         v = src[key]

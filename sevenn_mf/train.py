@@ -44,6 +44,7 @@ from .coupling import (
 )
 from .data.dataset import TrainingData, concat, make_loaders, prepare_data
 from .data.sampler import DatabaseSampler
+from .ema import WeightAverage, check_decay
 from .gap import (
     GapRange,
     Gaps,
@@ -64,6 +65,9 @@ _NUMBERED = re.compile(r'checkpoint_(\d+)\.pth$')
 # ---- trainer ----------------------------------------------------------------------
 class MFTrainer(Trainer):
     """sevenn's Trainer with resumable, atomic checkpoints and fidelity metrics."""
+
+    # train.ema_decay: the averaged weights are validated and checkpointed
+    ema: Optional[WeightAverage] = None
 
     def setup_run(
         self,
@@ -132,6 +136,13 @@ class MFTrainer(Trainer):
         wrap_tqdm=False,
     ) -> None:
         name = getattr(loader, 'name', 'trainset' if is_train else 'validset')
+        if self.ema is not None:
+            # validation, the gap monitor and the checkpoints that follow see
+            # the averaged weights; training continues from the raw ones
+            if is_train:
+                self.ema.load_raw()
+            else:
+                self.ema.load_average()
         if is_train:
             if hasattr(loader, 'set_epoch'):
                 loader.set_epoch(self.epoch)
@@ -338,6 +349,8 @@ class MFTrainer(Trainer):
             'run': self.fingerprint,
             'gap_range': self.gap_range,
         }
+        if self.ema is not None:
+            cp['sevenn_mf']['ema'] = self.ema.state_dict()
         d = os.path.dirname(path)
         if m:
             # epoch 0 has nothing to resume: a start that fails blocks no rerun
@@ -681,6 +694,16 @@ def train(
             warnings.warn(inert, CouplingWarning, stacklevel=1)
         trainer = make_trainer(model, config, couple)
         finetune.configure_optimizer(trainer, config, log=logger.writeline)
+        if float(config.get(S.EMA_DECAY) or 0.0) > 0.0:
+            # after the optimizer's own step hooks (frozen entries restored
+            # before they are averaged)
+            trainer.ema = WeightAverage(
+                model, trainer.optimizer, float(config[S.EMA_DECAY])
+            )
+            logger.writeline(
+                f'weight average (ema_decay {config[S.EMA_DECAY]:g}): validation, '
+                'early stopping and checkpoints use the averaged weights'
+            )
         logger.print_model_info(model, config)
 
         start_epoch, state = 1, {}
@@ -694,6 +717,13 @@ def train(
             )
             start_epoch = int(cp['epoch']) + 1
             state = dict(cp.get('sevenn_mf') or {})
+            if trainer.ema is not None:
+                if state.get('ema') is None:
+                    raise ValueError(
+                        f'{last} was written without train.ema_decay: resume '
+                        'it without ema_decay, or start a new run'
+                    )
+                trainer.ema.load_state_dict(state['ema'])
             logger.writeline(f'resuming from epoch {cp["epoch"]} ({last})')
         best_loader = _best_loader(config, loaders)
         trainer.setup_run(
@@ -743,6 +773,7 @@ def check_options(config: Dict[str, Any]) -> None:
         - {None}
     )
     check_coupling(config.get(S.COUPLING), fids)
+    check_decay(config.get(S.EMA_DECAY) or 0.0)
     if config.get(S.EARLY_STOPPING):
         early_stopping_settings(config, best_loader='(checked later)')
 

@@ -32,3 +32,14 @@ def ingan_frames():
     from ase.io import read
 
     return read(QUICKSTART_DATA / 'pbe.extxyz', index=':')
+
+
+@pytest.fixture
+def float64():
+    """float64 as torch's default dtype for one test (numerical identities)."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

@@ -514,11 +514,20 @@ def test_indexed_recipe_from_lf_and_uncoupled_keeps_sevenns_layers(tmp_path, cel
         assert np.isfinite(a.get_potential_energy())
 
 
+def _stage_config(res, key):
+    """{stage name: its checkpoint's config[key]} of a method result."""
+    import torch
+
+    return {
+        s.name: torch.load(s.checkpoint, weights_only=False)['config'][key]
+        for s in res.stages
+    }
+
+
 def test_mf_stage_started_from_lf_takes_its_own_learning_rate(tmp_path):
     """``train.mf.lr`` sets the learning rate of the multi-fidelity stage
     only (a fine-tune of the LF model); the shared LF stage keeps the
     template's; a value that is not a positive number is refused up front."""
-    import torch
 
     from sevenn_mf.analysis.methods import (
         MethodError,
@@ -531,12 +540,7 @@ def test_mf_stage_started_from_lf_takes_its_own_learning_rate(tmp_path):
     res = run_method(
         mi, 'mf', str(tmp_path / 'mf'), screen=False, shared_dir=str(tmp_path / 's')
     )
-    lr = {
-        s.name: torch.load(s.checkpoint, weights_only=False)['config'][
-            'optim_param'
-        ]['lr']
-        for s in res.stages
-    }
+    lr = {k: v['lr'] for k, v in _stage_config(res, 'optim_param').items()}
     assert lr['mf'] == pytest.approx(0.0007)
     assert lr['lf'] == pytest.approx(mi.raw['train']['optim_param']['lr'])
     assert lr['lf'] != pytest.approx(0.0007)
@@ -544,6 +548,77 @@ def test_mf_stage_started_from_lf_takes_its_own_learning_rate(tmp_path):
         path = _methods_yaml(tmp_path, mf={'init': 'lf', 'lr': bad})
         with pytest.raises(MethodError, match='train.mf.lr'):
             read_method_input(str(path))
+
+
+def test_mf_stage_takes_its_own_early_stopping(tmp_path):
+    """``train.mf.early_stopping`` replaces ``train.early_stopping`` in the
+    multi-fidelity stage only; bad values are refused up front, naming the
+    key."""
+
+    from sevenn_mf.analysis.methods import (
+        MethodError,
+        read_method_input,
+        run_method,
+    )
+
+    own = {'patience': 3, 'min_delta': 0.01, 'monitor': 'best'}
+    path = _methods_yaml(
+        tmp_path,
+        mf={'init': 'lf', 'early_stopping': own},
+        early_stopping={'patience': 5},
+    )
+    mi = read_method_input(str(path))
+    res = run_method(
+        mi, 'mf', str(tmp_path / 'mf'), screen=False, shared_dir=str(tmp_path / 's')
+    )
+    es = _stage_config(res, 'early_stopping')
+    assert es['mf'] == own
+    assert es['lf'] == {'patience': 5}
+    for bad, word in (({'patience': 0}, 'patience'), ({'monitor': 'x'}, 'monitor')):
+        path = _methods_yaml(tmp_path, mf={'init': 'lf', 'early_stopping': bad})
+        with pytest.raises(MethodError, match=f'train.mf.early_stopping.{word}'):
+            read_method_input(str(path))
+
+
+def test_mf_from_lf_with_fidelity_radial_networks(tmp_path):
+    """``model.fidelity_radial`` reaches the multi-fidelity stage only: the
+    shared LF stage is built without it (its fingerprint does not change with
+    the MF recipe), the MF stage starts from the LF model with zero radial
+    deltas and trains the r2SCAN rows, and its folded r2SCAN fidelity is a
+    plain SevenNet model."""
+    import torch
+    import yaml
+
+    from sevenn_mf.analysis.methods import read_method_input, run_method
+    from sevenn_mf.checkpoint import Checkpoint
+    from sevenn_mf.model import fidelity_radial_nets, fold
+
+    path = _methods_yaml(
+        tmp_path,
+        mf={'init': 'lf', 'lr': 0.001},
+        coupling={'anchor': 'pbe', 'parameter': 1.0},
+    )
+    raw = yaml.safe_load(path.read_text())
+    raw['model']['fidelity_radial'] = True
+    raw['model']['fidelity_layer_mode'] = 'indexed'
+    path.write_text(yaml.safe_dump(raw))
+    mi = read_method_input(str(path))
+    res = run_method(
+        mi, 'mf', str(tmp_path / 'mf'), screen=False, shared_dir=str(tmp_path / 's')
+    )
+    stages = {s.name: s.checkpoint for s in res.stages}
+    lf = torch.load(stages['lf'], weights_only=False)
+    assert not lf['config'].get('fidelity_radial')
+    assert not any('weight_nn.delta' in k for k in lf['model_state_dict'])
+    cp = Checkpoint(stages['mf'])
+    assert cp.config['fidelity_radial']
+    model = cp.build_model()
+    nets = fidelity_radial_nets(model)
+    assert len(nets) == 1
+    r2 = cp.config['_modal_map']['r2scan']
+    assert all(n.delta_weight[r2].abs().max() > 0 for n in nets.values())
+    plain, pcfg = fold(model, cp.config, 'r2scan')
+    assert not fidelity_radial_nets(plain) and 'fidelity_radial' not in pcfg
 
 
 def test_gpu_run_sets_the_device_at_training_time(tmp_path, monkeypatch):

@@ -137,6 +137,37 @@ def test_fidelities_differ_in_lammps(mf_checkpoint, cell64, tmp_path):
     assert files['chemical_symbols_to_index'].split() == [b'Ga', b'In', b'N']
 
 
+def test_radial_networks_deploy_and_export_exactly(tmp_path, cell64):
+    """A model with fidelity radial networks: each deployed fidelity in LAMMPS,
+    and its exported plain checkpoint in sevenn's own calculator, equal our
+    calculator on the multi-fidelity checkpoint."""
+    from sevenn.calculator import SevenNetCalculator
+
+    cfg = small_config('indexed', channel=16, lmax=1)
+    cfg[KEY.CUTOFF] = 4.0
+    cfg['fidelity_radial'] = True
+    ckpt = tmp_path / 'radial.pth'
+    save_checkpoint(ckpt, perturbed_model(cfg, seed=2, scale=0.1), cfg)
+    atoms = _lammps_frame(cell64, tmp_path)
+    paths = deploy(ckpt, all_fidelities=True, output=str(tmp_path / 'dep'))
+    energies = []
+    for fid, pt in zip(FIDS, paths):
+        row, f_lmp = _single_point(
+            LMP, 'e3gnn', pt, tmp_path / fid, tmp_path / 'data.lmp'
+        )
+        e, f, _ = _ase(ckpt, fid, atoms)
+        assert abs(row['PotEng'] - e) / len(atoms) < 1e-5
+        assert np.abs(f_lmp - f).max() < 1e-4
+        energies.append(e)
+
+        plain = export(ckpt, fid, tmp_path / f'plain_{fid}.pth')
+        a = atoms.copy()
+        a.calc = SevenNetCalculator(str(plain), device='cpu')
+        assert a.get_potential_energy() == pytest.approx(e, abs=1e-5 * len(atoms))
+        assert np.abs(a.get_forces() - f).max() < 1e-4
+    assert abs(energies[0] - energies[1]) > 1e-2
+
+
 def test_deploy_needs_fidelity(mf_checkpoint, tmp_path):
     from sevenn_mf.model import FidelityError
 

@@ -16,14 +16,14 @@ from sevenn_mf.model import FidelityError, fidelity_layers, fold
 from sevenn_mf.nn.fidelity_linear import FidelityLinear
 
 MODES = ['onehot', 'indexed']
+# the fidelity layers alone, and with fidelity radial networks as well
+RADIAL = [False, True]
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+def _config(mode, radial):
+    cfg = small_config(mode)
+    cfg['fidelity_radial'] = radial
+    return cfg
 
 
 @pytest.mark.parametrize('mode', MODES)
@@ -52,9 +52,10 @@ def test_layers_replaced_at_configured_positions(mode):
     }
 
 
+@pytest.mark.parametrize('radial', RADIAL)
 @pytest.mark.parametrize('mode', MODES)
-def test_equivariance_periodic(mode, ingan_frames, float64):
-    cfg = small_config(mode)
+def test_equivariance_periodic(mode, radial, ingan_frames, float64):
+    cfg = _config(mode, radial)
     model = perturbed_model(cfg).double()
     atoms = ingan_frames[3]
     rot = Rotation.random(random_state=7).as_matrix()
@@ -70,9 +71,10 @@ def test_equivariance_periodic(mode, ingan_frames, float64):
         assert np.abs(f0).max() > 1e-3  # not trivially zero
 
 
+@pytest.mark.parametrize('radial', RADIAL)
 @pytest.mark.parametrize('mode', MODES)
-def test_fold_identity(mode, ingan_frames, float64):
-    cfg = small_config(mode)
+def test_fold_identity(mode, radial, ingan_frames, float64):
+    cfg = _config(mode, radial)
     model = perturbed_model(cfg).double()
     for fid in FIDS:
         plain, pcfg = fold(model, cfg, fid)
@@ -86,9 +88,10 @@ def test_fold_identity(mode, ingan_frames, float64):
             np.testing.assert_allclose(s1, s0, atol=1e-10)
 
 
+@pytest.mark.parametrize('radial', RADIAL)
 @pytest.mark.parametrize('mode', MODES)
-def test_fidelities_differ_and_batch_independent(mode, ingan_frames):
-    cfg = small_config(mode)
+def test_fidelities_differ_and_batch_independent(mode, radial, ingan_frames):
+    cfg = _config(mode, radial)
     model = perturbed_model(cfg)
     atoms = ingan_frames[0]
     e_pbe = calc_results(model, atoms, 'pbe')
@@ -115,12 +118,13 @@ def test_fidelities_differ_and_batch_independent(mode, ingan_frames):
         assert e_batch[i].item() == pytest.approx(e_alone, abs=2e-5 * len(a))
 
 
+@pytest.mark.parametrize('radial', RADIAL)
 @pytest.mark.parametrize('mode', MODES)
-def test_torchscript(mode, ingan_frames):
+def test_torchscript(mode, radial, ingan_frames):
     from e3nn.util.jit import script
     from sevenn.train.dataload import unlabeled_atoms_to_graph
 
-    cfg = small_config(mode)
+    cfg = _config(mode, radial)
     model = perturbed_model(cfg)
     model.delete_module_by_key('force_output')
     model.prepare_modal_deploy('r2scan')

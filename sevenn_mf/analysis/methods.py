@@ -33,7 +33,10 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     databases train together. Options: ``init`` (``scratch``, the default,
     or ``lf``), ``lf_epochs``, ``lr`` (the multi-fidelity stage's learning
     rate, default ``optim_param.lr``: a model started from the LF one is
-    fine-tuned, and Adam's first steps at a from-scratch rate undo its fit).
+    fine-tuned, and Adam's first steps at a from-scratch rate undo its fit),
+    ``early_stopping`` (that stage's, default ``train.early_stopping``:
+    started from the LF model, the LF validation loss hardly moves while the
+    HF head learns, so ``monitor: best`` watches the HF validation loss).
 ``mf-transfer``
     ``mf`` (with its ``train.mf``), then stage ``finetune``: that model
     fine-tuned on the HF databases alone, as ``transfer`` fine-tunes its LF
@@ -95,7 +98,7 @@ LEGACY_POSITIONS = (
     'use_modal_self_inter_outro',
     'use_modal_output_block',
 )
-POSITION_KEYS = LEGACY_POSITIONS + ('use_modal_node_embedding',)
+POSITION_KEYS = LEGACY_POSITIONS + ('use_modal_node_embedding', 'fidelity_radial')
 # train-section keys read here (METHOD_KEYS; removed before sevenn's parser
 # sees the YAML), TRANSFER_KEYS and DELTA_KEYS: defined with the other known
 # keys in sevenn_mf.config
@@ -229,6 +232,15 @@ def method_input_from_dict(
         isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0
     ):
         raise MethodError(f'train.mf.lr must be a positive number, got {lr!r}')
+    if mf.get('early_stopping') is not None:
+        from ..train import early_stopping_settings
+
+        try:
+            early_stopping_settings(
+                {'early_stopping': mf['early_stopping']}, best_loader='(checked)'
+            )
+        except ValueError as exc:
+            raise MethodError(str(exc).replace('train.', 'train.mf.')) from None
     mel = opts.get('min_epoch_length')
     if mel is not None and (not isinstance(mel, int) or mel < 1):
         raise MethodError(
@@ -732,6 +744,8 @@ def run_method(
         if mi.mf.get('init') == 'lf':
             # the MF heads start where the LF model's fit ended, not from noise
             extra = from_lf(lf_model(mi.mf.get('lf_epochs', E)))
+        if mi.mf.get('early_stopping'):
+            extra = dict(extra or {}, early_stopping=mi.mf['early_stopping'])
         raw = stage_raw(
             mi,
             mi.databases,
@@ -745,6 +759,7 @@ def run_method(
         if method == 'mf-uncoupled':  # as before coupled heads: sevenn's layers
             raw['model'].update({k: True for k in LEGACY_POSITIONS})
             raw['model']['use_modal_node_embedding'] = False
+            raw['model']['fidelity_radial'] = False
             raw['model']['fidelity_layer_mode'] = 'onehot'
         stages.append(stage('mf' if method == 'mf-transfer' else method, raw))
         parts = [(stages[-1].checkpoint, hf)]
