@@ -97,6 +97,18 @@ class WeightAverage:
             p.copy_(r)
         self._raw = None
 
+    @torch.no_grad()
+    def broadcast_from(self, src: int) -> None:
+        """Every rank takes ``src``'s average (DDP: after a rank took steps the
+        others did not)."""
+        import torch.distributed as dist
+
+        for s in self.shadow:
+            dist.broadcast(s, src=src)
+        n = [self.updates]
+        dist.broadcast_object_list(n, src=src)
+        self.updates = int(n[0])
+
     def state_dict(self) -> Dict[str, Any]:
         raw = self._raw if self._raw is not None else self.params
         return {

@@ -207,6 +207,8 @@ class MFTrainer(Trainer):
 
         for t in self.model.module.state_dict().values():
             dist.broadcast(t, src=0)
+        if self.ema is not None:  # rank 0's extra steps also moved its average
+            self.ema.broadcast_from(0)
         state = [self.optimizer.state_dict() if self.rank == 0 else None]
         dist.broadcast_object_list(state, src=0)
         if self.rank != 0:

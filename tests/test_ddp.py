@@ -36,7 +36,7 @@ REL = 1e-4
 EPOCHS = 3
 
 
-def _raw(tmp_path, batch, n_low, coupling=None):
+def _raw(tmp_path, batch, n_low, coupling=None, ema=None):
     write_emt(tmp_path / 'low.extxyz', n_low, seed=1)
     write_emt(tmp_path / 'high.extxyz', 8, seed=2, fidelity='high')
     write_emt(tmp_path / 'low_valid.extxyz', 6, seed=3)
@@ -69,6 +69,7 @@ def _raw(tmp_path, batch, n_low, coupling=None):
             'device': 'cpu',
             'best_fidelity': 'high',
             'coupling': coupling or {},
+            'ema_decay': ema or 0.0,
         },
         'data': {
             'batch_size': batch,
@@ -128,21 +129,22 @@ def _rows(path):
 # 24 (even shards) / 25 (uneven: join) structures; with the parameter-space
 # coupling (identical on every rank, so still exact) and the gap monitor
 @pytest.mark.parametrize(
-    'n_low,coupling',
+    'n_low,coupling,ema',
     [
-        (16, None),
-        (17, None),
-        (16, {'anchor': 'low', 'parameter': 0.5, 'energy': 0, 'force': 0}),
+        (16, None, None),
+        (17, None, None),
+        (16, {'anchor': 'low', 'parameter': 0.5, 'energy': 0, 'force': 0}, None),
+        (17, None, 0.8),  # the weight average, with rank 0's extra steps
     ],
-    ids=['even', 'uneven', 'coupled'],
+    ids=['even', 'uneven', 'coupled', 'uneven-ema'],
 )
-def test_two_gloo_ranks_match_one_process(tmp_path, n_low, coupling):
+def test_two_gloo_ranks_match_one_process(tmp_path, n_low, coupling, ema):
     global_batch = 8
     (tmp_path / 'one.yaml').write_text(
-        yaml.safe_dump(_raw(tmp_path, global_batch, n_low, coupling))
+        yaml.safe_dump(_raw(tmp_path, global_batch, n_low, coupling, ema))
     )
     (tmp_path / 'two.yaml').write_text(
-        yaml.safe_dump(_raw(tmp_path, global_batch // 2, n_low, coupling))
+        yaml.safe_dump(_raw(tmp_path, global_batch // 2, n_low, coupling, ema))
     )
     cli = ['-m', 'sevenn_mf.cli', 'train']
     _run([sys.executable] + cli + ['one.yaml', '-w', 'one', '-q'], tmp_path)
@@ -214,6 +216,12 @@ def test_two_gloo_ranks_match_one_process(tmp_path, n_low, coupling):
     assert os.path.isfile(two / 'checkpoint_best.pth')
     if coupling:
         assert 'coupled heads high -> anchor low: parameter L2 high 0.5' in log
+    if ema:
+        assert 'weight average (ema_decay 0.8)' in log
+        e1, e2 = cp1['sevenn_mf']['ema'], cp2['sevenn_mf']['ema']
+        assert e1['updates'] == e2['updates'] > 0
+        for k, v in e1['raw'].items():  # the raw weights, beside the average
+            assert torch.allclose(e2['raw'][k], v, rtol=REL, atol=1e-6), k
 
 
 def test_function_space_coupling_runs_under_ddp(tmp_path):
