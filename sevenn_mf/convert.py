@@ -257,14 +257,7 @@ def _with_radial(
     cfg = copy.deepcopy(config)
     cfg[S.FIDELITY_RADIAL] = True
     new_model = build_model(cfg).to(next(model.parameters()).dtype)
-    old = model.state_dict()
-    state = new_model.state_dict()
-    for k in state:
-        if k.endswith('weight_nn.delta_weight'):
-            state[k] = torch.zeros_like(state[k])
-        else:
-            state[k] = old[k].clone()
-    new_model.load_state_dict(state, strict=True)
+    _assemble(model, new_model, _radial_states(model, new_model))
     return new_model, cfg
 
 

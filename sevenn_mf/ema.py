@@ -77,10 +77,6 @@ class WeightAverage:
         for s, p in zip(self.shadow, self.params):
             s.mul_(d).add_(p.detach(), alpha=1.0 - d)
 
-    @property
-    def averaged_loaded(self) -> bool:
-        return self._raw is not None
-
     @torch.no_grad()
     def load_average(self) -> None:
         if self._raw is not None:
