@@ -371,6 +371,49 @@ def test_method_input_errors(tmp_path):
         run_method(read_method_input(str(bad)), 'hf-only', str(tmp_path / 'w'))
 
 
+def test_mf_paired_trains_the_hf_structures_at_lf_too(tmp_path):
+    """train.mf.paired: the MF stage gets an LF database of the HF
+    structures' paired LF labels (the HF subset's only, in HF order, split for
+    validation as the HF database is); without paired files it is refused."""
+    from sevenn_mf.analysis.methods import MethodError, read_method_input, run_method
+
+    path = _methods_yaml(tmp_path, mf={'paired': True})
+    r2 = read(tmp_path / 'r2scan.extxyz', ':')
+    subset = tmp_path / 'hf_subset.extxyz'
+    write(subset, [r2[5], r2[2], r2[7], r2[0]])
+    mi = read_method_input(str(path)).with_hf_files({'hf': [str(subset)]})
+    wd = tmp_path / 'mf'
+    run_method(mi, 'mf', str(wd), screen=False)
+    stage = yaml.safe_load((wd / 'mf' / 'input.yaml').read_text())
+    dbs = {db['name']: db for db in stage['data']['databases']}
+    assert set(dbs) == {'lf', 'hf', 'hf_pbe'}
+    entry = dbs['hf_pbe']
+    assert entry['fidelity'] == 'pbe'
+    assert entry['validation'] == {'ratio': 0.25, 'seed': 1}
+    assert 'weight' not in entry  # an LF database, weighted as LF data
+    lf = read(entry['files'][0], ':')
+    assert [a.info['index'] for a in lf] == [
+        r2[i].info['index'] for i in (5, 2, 7, 0)
+    ]
+    for a, i in zip(lf, (5, 2, 7, 0)):
+        assert np.allclose(a.positions, r2[i].positions)
+        # the paired file's own labels: r2SCAN + 0.5 eV/atom, 0.9 x forces
+        e = r2[i].get_potential_energy() + 0.5 * len(a)
+        assert a.get_potential_energy() == pytest.approx(e, abs=1e-6)
+        assert a.get_forces() == pytest.approx(0.9 * r2[i].get_forces(), abs=1e-6)
+
+    raw = yaml.safe_load(path.read_text())
+    raw['train'].pop('delta')
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match='train.mf.paired needs train.delta'):
+        run_method(read_method_input(str(bad)), 'mf', str(tmp_path / 'w'))
+    raw['train']['mf'] = {'paired': 'yes'}
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match='train.mf.paired must be true or false'):
+        read_method_input(str(bad))
+
+
 def test_deployed_delta_sum_in_lammps(tmp_path, cell):
     """The one-file delta model in pair_style e3gnn equals DeltaCalculator."""
     from lammps_utils import find_lmp, run_lammps, thermo_table

@@ -65,3 +65,27 @@ def test_surrogate_task_is_paired_and_labelled_where_hf_is_missing(
     ]
     assert np.ptp(gaps) > 1.0  # eV/atom: GaN and InN references differ
     assert not np.allclose(hf[0].get_forces(), lf[0].get_forces())
+
+
+def test_gap_fit_slopes_and_errors_equal_a_direct_fit():
+    """scripts/gap_fit.py's per-composition numbers (Round 11's diagnostic)."""
+    spec = importlib.util.spec_from_file_location(
+        'gap_fit', REPO / 'scripts' / 'gap_fit.py'
+    )
+    gf = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gf)
+    rng = np.random.default_rng(3)
+    vol = rng.uniform(10.0, 12.0, 12)
+    group = [0.0] * 6 + [1.0] * 6
+    true = np.where(np.array(group) == 0.0, 0.05, 0.02) * vol
+    model = 0.5 * true + rng.normal(scale=1e-3, size=12)
+    rows = gf.fit_rows(group, vol, true, model)
+    assert [r['group'] for r in rows] == [0.0, 1.0] and rows[0]['n'] == 6
+    assert rows[0]['true_slope'] == pytest.approx(0.05)
+    assert rows[1]['true_slope'] == pytest.approx(0.02)
+    for r, m in zip(rows, (slice(0, 6), slice(6, 12))):
+        assert r['model_slope'] == pytest.approx(np.polyfit(vol[m], model[m], 1)[0])
+        assert r['rmse'] == pytest.approx(
+            np.sqrt(np.mean((model[m] - true[m]) ** 2))
+        )
+        assert r['corr'] == pytest.approx(np.corrcoef(true[m], model[m])[0, 1])

@@ -178,6 +178,48 @@ def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
     return out
 
 
+def paired_lf_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
+    """LF databases of the HF structures (``train.mf.paired``): for each HF
+    database, its structures' LF partners from the paired files, with every
+    label the paired file has, written under ``out_dir`` in the HF order, and
+    the HF database's validation split, so that the same structures are held
+    out at both fidelities. The LF partners of structures a learning curve
+    left out of the HF subset are left out too."""
+    import ase.io
+
+    from ..data.databases import parse_databases, read_frames, write_extxyz
+
+    lf_frames = []
+    for f in mi.paired_files():
+        lf_frames += read_frames(f)
+    sources: Dict[str, List[Any]] = {}
+    out = []
+    for db in mi.hf_databases:
+        spec = parse_databases([db], mi.base_dir)[0]
+        if (spec.validation or {}).get('files'):
+            raise DeltaPairingError(
+                f"train.mf.paired: database '{spec.name}' has validation files; "
+                'give it a validation ratio so that its LF partners are split '
+                'the same way'
+            )
+        atoms = []
+        for _, lf in pair_frames(read_frames(spec), lf_frames):
+            if lf.file not in sources:  # the source file's own labels, as read
+                sources[lf.file] = ase.io.read(lf.file, index=':')
+            atoms.append(sources[lf.file][lf.index])
+        path = os.path.join(out_dir, f'{spec.name}_{lf_fidelity}.extxyz')
+        write_extxyz(path, atoms)
+        entry = {
+            'name': f'{spec.name}_{lf_fidelity}',
+            'fidelity': lf_fidelity,
+            'files': [path],
+        }
+        if spec.validation:
+            entry['validation'] = dict(spec.validation)
+        out.append(entry)
+    return out
+
+
 # ---- ASE -------------------------------------------------------------------------
 class DeltaCalculator(SumCalculator):
     """HF = LF model at its fidelity + Delta model (an ASE SumCalculator).

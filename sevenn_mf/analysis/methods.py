@@ -36,7 +36,11 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     fine-tuned, and Adam's first steps at a from-scratch rate undo its fit),
     ``early_stopping`` (that stage's, default ``train.early_stopping``:
     started from the LF model, the LF validation loss hardly moves while the
-    HF head learns, so ``monitor: best`` watches the HF validation loss).
+    HF head learns, so ``monitor: best`` watches the HF validation loss),
+    ``paired`` (``true``: the HF structures' LF labels from
+    ``train.delta.paired_files`` join that stage as one more LF database,
+    so the heads' gap is seen where both labels exist, not only through the
+    LF head's own errors; a learning curve's HF subset takes its partners).
 ``mf-transfer``
     ``mf`` (with its ``train.mf``), then stage ``finetune``: that model
     fine-tuned on the HF databases alone, as ``transfer`` fine-tunes its LF
@@ -78,7 +82,7 @@ import numpy as np
 import yaml
 
 from ..config import DELTA_KEYS, METHOD_KEYS, MF_INITS, MF_KEYS, TRANSFER_KEYS
-from .delta import DELTA_FIDELITY, delta_databases
+from .delta import DELTA_FIDELITY, delta_databases, paired_lf_databases
 
 METHODS = (
     'hf-only',
@@ -241,6 +245,10 @@ def method_input_from_dict(
             )
         except ValueError as exc:
             raise MethodError(str(exc).replace('train.', 'train.mf.')) from None
+    if not isinstance(mf.get('paired', False), bool):
+        raise MethodError(
+            f'train.mf.paired must be true or false, got {mf["paired"]!r}'
+        )
     mel = opts.get('min_epoch_length')
     if mel is not None and (not isinstance(mel, int) or mel < 1):
         raise MethodError(
@@ -303,6 +311,13 @@ def _validate(mi: MethodInput, method: str) -> None:
         if not mi.paired_files():
             raise MethodError(
                 'method delta needs train.delta.paired_files: the LF '
+                'labels of the HF structures (matched by set and index)'
+            )
+        _delta_lf_fidelity(mi)
+    if mi.mf.get('paired') and method in MF_METHODS + ('mf-transfer',):
+        if not mi.paired_files():
+            raise MethodError(
+                'train.mf.paired needs train.delta.paired_files: the LF '
                 'labels of the HF structures (matched by set and index)'
             )
         _delta_lf_fidelity(mi)
@@ -746,9 +761,16 @@ def run_method(
             extra = from_lf(lf_model(mi.mf.get('lf_epochs', E)))
         if mi.mf.get('early_stopping'):
             extra = dict(extra or {}, early_stopping=mi.mf['early_stopping'])
+        databases = mi.databases
+        if mi.mf.get('paired'):
+            # the HF structures at LF too: where both labels exist the heads'
+            # gap is seen directly, not through the LF head's own errors
+            databases = databases + paired_lf_databases(
+                mi, _delta_lf_fidelity(mi), os.path.join(working_dir, 'paired_data')
+            )
         raw = stage_raw(
             mi,
-            mi.databases,
+            databases,
             best_fidelity=hf,
             epochs=E,
             mode=mode,
