@@ -60,7 +60,7 @@ TRANSFER_KEYS = (
     'shared_lr_factor',
 )
 DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs')
-MF_KEYS = ('init', 'lf_epochs', 'lr', 'early_stopping', 'paired')
+MF_KEYS = ('init', 'lf_epochs', 'lr', 'early_stopping', 'paired', 'restarts')
 MF_INITS = ('scratch', 'lf')
 
 # Options whose value is a mapping, and the sub-keys each takes. This is the

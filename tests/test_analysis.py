@@ -414,6 +414,59 @@ def test_mf_paired_trains_the_hf_structures_at_lf_too(tmp_path):
         read_method_input(str(bad))
 
 
+def test_mf_restarts_keep_the_best_gap_fit(tmp_path):
+    """train.mf.restarts: k runs of the MF stage with seeds seed + 1000 r;
+    the kept one has the lowest RMSE of the heads' gap against the paired
+    labels' gap (equal to a direct computation), and model.json names it."""
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.methods import MethodError, read_method_input, run_method
+
+    path = _methods_yaml(tmp_path, mf={'restarts': 2}, random_seed=3)
+    wd = tmp_path / 'mf'
+    run_method(read_method_input(str(path)), 'mf', str(wd), screen=False)
+    seeds = [
+        yaml.safe_load((wd / d / 'input.yaml').read_text())['train']['random_seed']
+        for d in ('mf', 'mf_r1')
+    ]
+    assert seeds == [3, 1003]
+    info = json.loads((wd / 'restarts.json').read_text())
+    values = [r['value'] for r in info['restarts']]
+    assert [r['name'] for r in info['restarts']] == ['gap_rmse'] * 2
+    assert info['kept'] == int(np.argmin(values))
+    kept = info['restarts'][info['kept']]['stage']
+    meta = json.loads((wd / 'model.json').read_text())
+    assert meta['parts'][0]['checkpoint'] == f'{kept}/checkpoint_best.pth'
+    # the criterion of restart 1, directly: r2SCAN head - PBE head against the
+    # paired labels (r2SCAN - (r2SCAN + 0.5 eV/atom) = -0.5 eV/atom)
+    ckpt = str(wd / 'mf_r1' / 'checkpoint_best.pth')
+    heads = {f: SevenNetMFCalculator(ckpt, f) for f in ('r2scan', 'pbe')}
+    err = []
+    for a in read(tmp_path / 'r2scan.extxyz', ':'):
+        e = {}
+        for f, c in heads.items():
+            b = a.copy()
+            b.calc = c
+            e[f] = b.get_potential_energy() / len(b)
+        err.append(e['r2scan'] - e['pbe'] + 0.5)
+    assert values[1] == pytest.approx(np.sqrt(np.mean(np.square(err))), rel=1e-4)
+
+    # without paired LF labels: the HF head's energy RMSE on the HF structures
+    raw = yaml.safe_load(path.read_text())
+    raw['train'].pop('delta')
+    plain = tmp_path / 'plain.yaml'
+    plain.write_text(yaml.safe_dump(raw))
+    wd2 = tmp_path / 'mf_plain'
+    run_method(read_method_input(str(plain)), 'mf', str(wd2), screen=False)
+    info2 = json.loads((wd2 / 'restarts.json').read_text())
+    assert [r['name'] for r in info2['restarts']] == ['hf_energy_rmse'] * 2
+
+    raw['train']['mf'] = {'restarts': 0}
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(MethodError, match='train.mf.restarts must be a positive'):
+        read_method_input(str(bad))
+
+
 def test_deployed_delta_sum_in_lammps(tmp_path, cell):
     """The one-file delta model in pair_style e3gnn equals DeltaCalculator."""
     from lammps_utils import find_lmp, run_lammps, thermo_table

@@ -596,6 +596,20 @@ def test_templates_parse(name, shared_data):
     parse_databases(config['databases'], config['_base_dir'])  # the files exist
 
 
+@pytest.mark.parametrize('name', ['ingan_methods.yaml', 'ethanol_methods.yaml'])
+def test_methods_templates_parse(name, shared_data):
+    """The method templates: every key known, every option valid, every
+    database and paired file present."""
+    from sevenn_mf.analysis.methods import read_method_input
+    from sevenn_mf.data.databases import parse_databases
+
+    mi = read_method_input(str(REPO / 'input_templates' / name))
+    config_from_dict(mi.raw, mi.base_dir, source=mi.path)
+    parse_databases(mi.databases, mi.base_dir)
+    assert all(os.path.isfile(f) for f in mi.paired_files())
+    assert mi.method == 'mf' and mi.mf.get('restarts', 1) >= 1
+
+
 def test_fit_to_pretrained_needs_pretrained(tmp_path):
     raw = {
         'model': {},

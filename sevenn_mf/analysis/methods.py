@@ -37,6 +37,9 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     ``early_stopping`` (that stage's, default ``train.early_stopping``:
     started from the LF model, the LF validation loss hardly moves while the
     HF head learns, so ``monitor: best`` watches the HF validation loss),
+    ``restarts`` (k: that stage k times with seeds ``random_seed`` + 1000 r,
+    keeping the one whose heads fit the HF structures best,
+    :mod:`sevenn_mf.analysis.restarts`),
     ``paired`` (``true``: the HF structures' LF labels from
     ``train.delta.paired_files`` join that stage as one more LF database,
     so the heads' gap is seen where both labels exist, not only through the
@@ -249,6 +252,9 @@ def method_input_from_dict(
         raise MethodError(
             f'train.mf.paired must be true or false, got {mf["paired"]!r}'
         )
+    k = mf.get('restarts', 1)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise MethodError(f'train.mf.restarts must be a positive integer, got {k!r}')
     mel = opts.get('min_epoch_length')
     if mel is not None and (not isinstance(mel, int) or mel < 1):
         raise MethodError(
@@ -681,6 +687,48 @@ def _finetune_raw(mi: MethodInput, extra: Dict[str, Any], epochs) -> Dict[str, A
     )
 
 
+def _best_restart(mi, name, raw, stage, working_dir, log) -> StageResult:
+    """The MF stage, or with ``train.mf.restarts: k`` the best of k runs of
+    it (:mod:`sevenn_mf.analysis.restarts`); its choice in
+    ``restarts.json``."""
+    from . import restarts as rs
+
+    k = int(mi.mf.get('restarts', 1))
+    if k == 1:
+        return stage(name, raw)
+    lf = _delta_lf_fidelity(mi) if mi.paired_files() else None
+    hf_frames, lf_frames = rs.hf_frames_and_partners(mi, lf)
+    seed = raw['train'].get('random_seed')
+    results, scores = [], []
+    for r in range(k):
+        raw_r = copy.deepcopy(raw)
+        raw_r['train']['random_seed'] = rs.restart_seed(seed, r)
+        res = stage(name if r == 0 else f'{name}_r{r}', raw_r)
+        score = rs.fit_criterion(
+            res.checkpoint, mi.hf_fidelity, hf_frames, lf, lf_frames
+        )
+        log(
+            f'[{name}] restart {r}: {score["name"]} {1000 * score["value"]:.2f} meV/atom'
+        )
+        results.append(res)
+        scores.append(dict(score, stage=os.path.basename(res.directory)))
+    best = rs.choose(scores)
+    log(f'[{name}] kept restart {best} ({scores[best]["stage"]})')
+    _write_json(
+        os.path.join(working_dir, 'restarts.json'),
+        {'kept': best, 'restarts': scores, 'unit': 'eV/atom'},
+    )
+    kept = results[best]
+    # every restart's training time counts towards the method's cost
+    return StageResult(
+        name,
+        kept.directory,
+        kept.checkpoint,
+        sum(x.seconds for x in results),
+        any(x.trained_now for x in results),
+    )
+
+
 def run_method(
     mi: MethodInput,
     method: Optional[str],
@@ -783,7 +831,8 @@ def run_method(
             raw['model']['use_modal_node_embedding'] = False
             raw['model']['fidelity_radial'] = False
             raw['model']['fidelity_layer_mode'] = 'onehot'
-        stages.append(stage('mf' if method == 'mf-transfer' else method, raw))
+        name = 'mf' if method == 'mf-transfer' else method
+        stages.append(_best_restart(mi, name, raw, stage, working_dir, log))
         parts = [(stages[-1].checkpoint, hf)]
         if method == 'mf-transfer':
             raw = _finetune_raw(mi, {'pretrained': stages[-1].checkpoint}, E)
