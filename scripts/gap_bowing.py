@@ -23,7 +23,7 @@ import numpy as np
 def x_in(atoms) -> float:
     s = atoms.get_chemical_symbols()
     n_in, n_ga = s.count('In'), s.count('Ga')
-    return round(n_in / (n_in + n_ga), 3)
+    return round(n_in / (n_in + n_ga), 3) if n_in + n_ga else 0.0
 
 
 def main() -> None:

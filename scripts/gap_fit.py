@@ -28,12 +28,6 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 
-def x_in(atoms) -> float:
-    s = atoms.get_chemical_symbols()
-    n_in, n_ga = s.count('In'), s.count('Ga')
-    return round(n_in / (n_in + n_ga), 3) if n_in + n_ga else 0.0
-
-
 def fit_rows(
     group: Sequence[float],
     volume: Sequence[float],
@@ -74,43 +68,28 @@ def main() -> None:
     )
     args = p.parse_args()
 
-    from ase.io import read
+    from gap_bowing import x_in  # scripts/ is on sys.path when run as a script
 
-    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.delta import pair_frames
+    from sevenn_mf.analysis.restarts import head_energies
+    from sevenn_mf.data.databases import read_frames
 
-    def key(a):
-        return (str(a.info['set']), int(a.info['index']))
-
-    lf_by_key = {key(a): a for a in read(args.paired, ':')}
-    hf = read(args.hf_file, ':')
-    missing = [key(a) for a in hf if key(a) not in lf_by_key]
-    if missing:
-        raise SystemExit(f'{len(missing)} HF structures have no paired LF label')
-    group = [x_in(a) for a in hf]
-    volume = [a.get_volume() / len(a) for a in hf]
-    true_gap = [
-        (a.get_potential_energy() - lf_by_key[key(a)].get_potential_energy())
-        / len(a)
-        for a in hf
-    ]
+    pairs = pair_frames(read_frames(args.hf_file), read_frames(args.paired))
+    hf = [h for h, _ in pairs]
+    group = [x_in(h.atoms) for h in hf]
+    volume = [h.atoms.get_volume() / len(h.atoms) for h in hf]
+    true_gap = [(h.energy - lf.energy) / len(h.atoms) for h, lf in pairs]
     print(
         "| checkpoint | x | n | labels' slope | model's slope (meV/atom per "
         'Å³/atom) | corr | gap RMSE (meV/atom) |'
     )
     print('|---|---|---|---|---|---|---|')
+    heads = [args.gap_fidelity] if args.gap_fidelity else [args.hf, args.lf]
     for ck in args.checkpoints:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            heads = [args.gap_fidelity] if args.gap_fidelity else [args.hf, args.lf]
-            calcs = [SevenNetMFCalculator(ck, f, gap=False) for f in heads]
-        gap = []
-        for a in hf:
-            e = []
-            for c in calcs:
-                b = a.copy()
-                b.calc = c
-                e.append(b.get_potential_energy() / len(b))
-            gap.append(e[0] - (e[1] if len(e) > 1 else 0.0))
+            e = head_energies(ck, heads, hf)
+        gap = e[0] - (e[1] if len(e) > 1 else 0.0)
         for r in fit_rows(group, volume, true_gap, gap):
             print(
                 f'| {ck} | {r["group"]:g} | {r["n"]} | '

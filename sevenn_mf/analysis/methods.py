@@ -313,19 +313,20 @@ def _validate(mi: MethodInput, method: str) -> None:
             f'method {method} needs low-fidelity databases besides '
             f"the HF ones ('{mi.hf_fidelity}')"
         )
+    mf_stage = method in MF_METHODS + ('mf-transfer',)
+    needs = None  # what reads the paired files
     if method == 'delta':
-        if not mi.paired_files():
-            raise MethodError(
-                'method delta needs train.delta.paired_files: the LF '
-                'labels of the HF structures (matched by set and index)'
-            )
-        _delta_lf_fidelity(mi)
-    if mi.mf.get('paired') and method in MF_METHODS + ('mf-transfer',):
-        if not mi.paired_files():
-            raise MethodError(
-                'train.mf.paired needs train.delta.paired_files: the LF '
-                'labels of the HF structures (matched by set and index)'
-            )
+        needs = 'method delta'
+    elif mf_stage and mi.mf.get('paired'):
+        needs = 'train.mf.paired'
+    if needs and not mi.paired_files():
+        raise MethodError(
+            f'{needs} needs train.delta.paired_files: the LF '
+            'labels of the HF structures (matched by set and index)'
+        )
+    # the restarts' gap criterion reads the paired files' LF fidelity too:
+    # an ambiguous one stops the run here, not after the LF stage
+    if needs or (mf_stage and mi.mf.get('restarts', 1) > 1 and mi.paired_files()):
         _delta_lf_fidelity(mi)
 
 

@@ -31,9 +31,17 @@ def restart_seed(seed: Optional[int], r: int) -> int:
     return int(seed if seed is not None else 1) + SEED_STEP * r
 
 
-def _per_atom(model, frames: Sequence[Any]) -> np.ndarray:
-    p = model.predict_frames(list(frames))
-    return np.asarray(p.e_pred, dtype=float)
+def head_energies(
+    checkpoint: str, fidelities: Sequence[str], frames: Sequence[Any]
+) -> List[np.ndarray]:
+    """Per-atom energy of each head of ``checkpoint`` on ``frames`` (their
+    graphs built once for all heads)."""
+    from ..data.graphs import build_graphs
+    from .predict import MethodModel
+
+    models = [MethodModel([(checkpoint, f)]) for f in fidelities]
+    graphs = build_graphs(list(frames), models[0].cutoff, 'predict', 1.0)
+    return [np.asarray(m.predict_graphs(graphs).e_pred, dtype=float) for m in models]
 
 
 def fit_criterion(
@@ -45,18 +53,27 @@ def fit_criterion(
 ) -> Dict[str, Any]:
     """{'name', 'value'} of one restart (lower is better), in eV/atom.
 
-    ``lf_frames``: the LF partners of ``hf_frames`` (same order), or None."""
-    from .predict import MethodModel
-
-    hf_frames = [f for f in hf_frames if f.present.get('energy')]
+    ``lf_frames``: the LF partners of ``hf_frames`` (same order), or None.
+    Structures without an energy label (at either fidelity) are left out."""
+    if lf_frames is None:
+        hf_frames = [f for f in hf_frames if f.present.get('energy')]
+    else:
+        pairs = [
+            (h, lf)
+            for h, lf in zip(hf_frames, lf_frames)
+            if h.present.get('energy') and lf.present.get('energy')
+        ]
+        hf_frames, lf_frames = [h for h, _ in pairs], [lf for _, lf in pairs]
     n = np.array([len(f.numbers) for f in hf_frames], dtype=float)
     hf_e = np.array([f.energy for f in hf_frames]) / n
-    hf_pred = _per_atom(MethodModel([(checkpoint, hf_fidelity)]), hf_frames)
     if lf_frames is None:
+        (hf_pred,) = head_energies(checkpoint, [hf_fidelity], hf_frames)
         value = float(np.sqrt(np.mean((hf_pred - hf_e) ** 2)))
         return {'name': 'hf_energy_rmse', 'value': value}
     lf_e = np.array([f.energy for f in lf_frames]) / n
-    lf_pred = _per_atom(MethodModel([(checkpoint, lf_fidelity)]), hf_frames)
+    hf_pred, lf_pred = head_energies(
+        checkpoint, [hf_fidelity, lf_fidelity], hf_frames
+    )
     gap_err = (hf_pred - lf_pred) - (hf_e - lf_e)
     return {'name': 'gap_rmse', 'value': float(np.sqrt(np.mean(gap_err**2)))}
 
@@ -81,11 +98,7 @@ def hf_frames_and_partners(mi, lf_fidelity: Optional[str]):
     lf_frames: List[Any] = []
     for f in files:
         lf_frames += read_frames(f)
-    pairs = [
-        (h, lf)
-        for h, lf in pair_frames(frames, lf_frames)
-        if h.present.get('energy') and lf.present.get('energy')
-    ]
+    pairs = pair_frames(frames, lf_frames)
     return [h for h, _ in pairs], [lf for _, lf in pairs]
 
 
