@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._sevenn import KEY
+from ._sevenn import KEY, MODAL_POSITION_KEYS
 from .data.cross_fidelity import pairs_in_batch
 from .gap import net_atomic_energy
 from .model import fidelity_layers, fidelity_radial_nets
@@ -60,6 +60,7 @@ KEYS = (
     'stress',
     'fraction',
     'energy_within',
+    'parameter_positions',
 )
 # which structures' per-atom gaps the energy term compares: those of one
 # composition (default), or every structure of the batch
@@ -79,7 +80,17 @@ DEFAULTS = {
     'stress': 0.0,
     'fraction': 0.5,
     'energy_within': 'composition',
+    'parameter_positions': None,
 }
+# multipliers of the parameter L2 per fidelity-dependent position (sevenn's
+# use_modal_* names, and fidelity_radial's networks); 1 where not given
+POSITIONS = (
+    'node_embedding',
+    'self_inter_intro',
+    'self_inter_outro',
+    'output_block',
+    'radial',
+)
 _TO_KBAR = 1602.1766208  # eV/Å^3 -> kbar, as sevenn's stress loss
 
 
@@ -97,6 +108,7 @@ class CouplingSettings:
     stress: float = 0.0
     fraction: float = 1.0
     energy_within: str = 'composition'
+    parameter_positions: Dict[str, float] = field(default_factory=dict)
 
     @property
     def function_space(self) -> bool:
@@ -120,9 +132,13 @@ class CouplingSettings:
                 f'{self.fraction:g} of the batches)'
             )
         if self.parameter_space:
+            at = ', '.join(
+                f'{k} x{m:g}' for k, m in self.parameter_positions.items() if m != 1
+            )
             parts.append(
                 'parameter L2 '
                 + ', '.join(f'{f} {w:g}' for f, w in self.parameter.items() if w > 0)
+                + (f' ({at})' if at else '')
             )
         return (
             f'coupled heads {", ".join(self.fidelities)} -> anchor {self.anchor}: '
@@ -143,6 +159,40 @@ def _number(raw: Dict[str, Any], key: str, low: float = 0.0) -> float:
             f'train.coupling.{key} must be >= {low:g}, got {value!r}'
         )
     return value
+
+
+def _positions(raw: Any) -> Dict[str, float]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise CouplingError(
+            'train.coupling.parameter_positions must be a mapping of position '
+            f'to multiplier ({", ".join(POSITIONS)}), got {raw!r}'
+        )
+    unknown = sorted(set(raw) - set(POSITIONS))
+    if unknown:
+        raise CouplingError(
+            f'train.coupling.parameter_positions: unknown position(s) {unknown}; '
+            f'allowed: {", ".join(POSITIONS)}'
+        )
+    return {
+        k: _number({'parameter_positions': raw[k]}, 'parameter_positions')
+        for k in POSITIONS
+        if k in raw
+    }
+
+
+def position_of(name: str) -> str:
+    """The fidelity-dependent position (a :data:`POSITIONS` name) of a
+    fidelity layer or radial network named as in the model."""
+    if name.endswith('.weight_nn'):
+        return 'radial'
+    for flag, suffix in MODAL_POSITION_KEYS.items():
+        if name == suffix or (
+            suffix != 'reduce_input_to_hidden' and name.endswith(suffix)
+        ):
+            return flag.replace('use_modal_', '')
+    raise CouplingError(f'{name!r} is at no known fidelity-dependent position')
 
 
 def check_options(raw: Any, fidelities: Optional[Sequence[str]] = None) -> None:
@@ -197,6 +247,7 @@ def settings_from(
     if isinstance(param_raw, dict):
         for f in param_raw:
             _number({'parameter': param_raw[f]}, 'parameter')
+    positions = _positions(raw.get('parameter_positions'))
     if fidelities is None:  # names cannot be checked yet
         return None
     if anchor is None:
@@ -238,6 +289,7 @@ def settings_from(
         parameter,
         fraction=fraction,
         energy_within=within,
+        parameter_positions=positions,
         **weights,
     )
     if not coupled and settings.active:
@@ -267,16 +319,26 @@ def heads_differ_by_constant(model) -> bool:
 
 
 def inert_warning(settings: CouplingSettings, model) -> Optional[str]:
-    """The message when function-space coupling has nothing to act on."""
-    if not settings.function_space or not heads_differ_by_constant(model):
-        return None
-    return (
-        'train.coupling: with one-hot fidelity layers in the output block only, '
-        'the heads differ by a constant energy per atom, so the function-space '
-        'penalties are zero; to let the high-fidelity head learn a '
-        'geometry-dependent difference, add fidelity-dependent layers '
-        '(use_modal_self_inter_intro / _outro) or use fidelity_layer_mode: indexed'
-    )
+    """The message when a coupling option has nothing to act on."""
+    msgs = []
+    if settings.function_space and heads_differ_by_constant(model):
+        msgs.append(
+            'train.coupling: with one-hot fidelity layers in the output block only, '
+            'the heads differ by a constant energy per atom, so the function-space '
+            'penalties are zero; to let the high-fidelity head learn a '
+            'geometry-dependent difference, add fidelity-dependent layers '
+            '(use_modal_self_inter_intro / _outro) or use fidelity_layer_mode: indexed'
+        )
+    if settings.parameter_space and settings.parameter_positions:
+        present = {position_of(name) for name, _, _ in _parameter_slices(model)}
+        absent = sorted(set(settings.parameter_positions) - present)
+        if absent:
+            msgs.append(
+                f'train.coupling.parameter_positions names {absent}, where this '
+                f'model has no fidelity-dependent parameters (it has: '
+                f'{", ".join(sorted(present)) or "none"}); those multipliers do nothing'
+            )
+    return '; '.join(msgs) or None
 
 
 # ---- the penalties -----------------------------------------------------------
@@ -351,6 +413,7 @@ class CouplingLoss:
         self.param_weight = {
             modal[f]: w for f, w in settings.parameter.items() if w > 0
         }
+        self.positions = settings.parameter_positions
         self.sums = {k: 0.0 for k in ('parameter',) + FUNCTION_WEIGHTS}
         self.steps = 0
         # the terms the settings switch on, logged each epoch even when zero
@@ -368,12 +431,19 @@ class CouplingLoss:
         total = None
         for f, w in self.param_weight.items():
             sq, n = 0.0, 0
-            for _, p, how in _parameter_slices(model):
+            for name, p, how in _parameter_slices(model):
                 d = (
                     _fidelity_entries(p, how, f)
                     - _fidelity_entries(p, how, self.anchor).detach()
                 )
-                sq = sq + (d * d).sum()
+                # the mean runs over every entry whatever the multipliers, so
+                # that multipliers of 1 are the plain penalty
+                m = (
+                    self.positions.get(position_of(name), 1.0)
+                    if self.positions
+                    else 1.0
+                )
+                sq = sq + m * (d * d).sum()
                 n += d.numel()
             if n:
                 term = w * sq / n

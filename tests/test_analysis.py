@@ -370,6 +370,27 @@ def test_method_input_errors(tmp_path):
     with pytest.raises(MethodError, match="no database has the HF fidelity 'ccsdt'"):
         run_method(read_method_input(str(bad)), 'hf-only', str(tmp_path / 'w'))
 
+    # an HF structure without its LF partner stops delta, mf.paired and the
+    # restarts' criterion before anything trains (the LF stage takes minutes)
+    partners = read(tmp_path / 'r2scan_at_pbe.extxyz', ':')
+    write(tmp_path / 'r2scan_at_pbe.extxyz', partners[:3] + partners[4:])
+    missing = (
+        rf'1 HF structure\(s\) have no LF label.*index={partners[3].info["index"]}'
+    )
+    for method, mf in [
+        ('delta', None),
+        ('mf', {'paired': True}),
+        ('mf', {'restarts': 2}),
+    ]:
+        raw = yaml.safe_load(path.read_text())
+        if mf:
+            raw['train']['mf'] = mf
+        bad.write_text(yaml.safe_dump(raw))
+        wd = tmp_path / f'w_{method}'
+        with pytest.raises(DeltaPairingError, match=missing):
+            run_method(read_method_input(str(bad)), method, str(wd))
+        assert not wd.exists()
+
 
 def test_mf_paired_trains_the_hf_structures_at_lf_too(tmp_path):
     """train.mf.paired: the MF stage gets an LF database of the HF

@@ -288,6 +288,69 @@ def _chunks(seq, n):
     return [seq[i : i + n] for i in range(0, len(seq), n)]
 
 
+@pytest.mark.parametrize('mode', ['onehot', 'indexed'])
+def test_parameter_positions_weigh_each_position(mode):
+    """train.coupling.parameter_positions: multipliers of 1 are the plain
+    penalty; otherwise each position's squared deviations are scaled in the
+    mean over all entries, and a multiplier of 0 frees that position."""
+    cfg = small_config(mode)
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    _perturb_hf_head(model, seed=4)
+    masks = _hf_masks(model)
+    plain = CouplingLoss(_settings(parameter=2.0), cfg, _huber)
+    ones = CouplingLoss(
+        _settings(
+            parameter=2.0,
+            parameter_positions={'output_block': 1, 'self_inter_intro': 1},
+        ),
+        cfg,
+        _huber,
+    )
+    assert ones.parameter_penalty(model).item() == pytest.approx(
+        plain.parameter_penalty(model).item(), rel=1e-12
+    )
+
+    # direct: 2 * sum_l m_l * |d_l|^2 / (number of HF entries)
+    mult = {'output_block': 0.1, 'self_inter_outro': 0.0}
+    weighted = CouplingLoss(
+        _settings(parameter=2.0, parameter_positions=mult), cfg, _huber
+    )
+    params = dict(model.named_parameters())
+    sq, n, seen = 0.0, 0, set()
+    for name, (anchor, hf) in masks.items():
+        layer = name.split('.')[0]
+        m = (
+            0.1
+            if layer == 'reduce_input_to_hidden'
+            else 0.0
+            if layer.endswith('self_interaction_2')
+            else 1.0
+        )
+        seen.add(m)
+        p = params[name].detach()
+        d = p[hf] - p[anchor]
+        sq += m * float((d * d).sum())
+        n += d.numel()
+    assert seen == {0.1, 0.0, 1.0}  # the model has all three kinds
+    assert inert_warning(weighted.settings, model) is None
+    radial = _settings(parameter=1.0, parameter_positions={'radial': 0.1})
+    assert "names ['radial']" in inert_warning(radial, model)
+    assert weighted.parameter_penalty(model).item() == pytest.approx(
+        2.0 * sq / n, rel=1e-6
+    )
+
+    model.zero_grad()
+    weighted.parameter_penalty(model).backward()
+    for name, (_, hf) in masks.items():
+        g = params[name].grad
+        g = torch.zeros_like(params[name]) if g is None else g
+        if name.split('.')[0].endswith('self_interaction_2'):
+            assert g.abs().max() == 0, name  # freed
+        else:
+            assert g[hf].abs().max() > 0, name
+
+
 def test_settings_errors():
     with pytest.raises(CouplingError, match='unknown key'):
         settings_from({'enrgy': 1}, FIDS, {})
@@ -299,6 +362,16 @@ def test_settings_errors():
         settings_from({'force': -1}, FIDS, {})
     with pytest.raises(CouplingError, match='energy_within must be one of'):
         settings_from({'energy': 1, 'energy_within': 'cell'}, FIDS, {})
+    with pytest.raises(CouplingError, match=r"unknown position\(s\) \['readout'\]"):
+        settings_from(
+            {'parameter': 1, 'parameter_positions': {'readout': 0}}, FIDS, {}
+        )
+    with pytest.raises(CouplingError, match='must be a mapping'):
+        settings_from({'parameter': 1, 'parameter_positions': 0.1}, FIDS, {})
+    with pytest.raises(CouplingError, match='>= 0'):
+        settings_from(
+            {'parameter': 1, 'parameter_positions': {'output_block': -1}}, FIDS, {}
+        )
     assert settings_from({}, FIDS, {}) is None
     assert settings_from({'energy': 0, 'force': 0}, FIDS, {ANCHOR: 1}) is None
     recipe = settings_from(True, FIDS, {ANCHOR: 3, HF: 1})  # the measured defaults

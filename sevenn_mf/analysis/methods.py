@@ -86,6 +86,7 @@ import yaml
 
 from ..config import DELTA_KEYS, METHOD_KEYS, MF_INITS, MF_KEYS, TRANSFER_KEYS
 from .delta import DELTA_FIDELITY, delta_databases, paired_lf_databases
+from .restarts import hf_frames_and_partners
 
 METHODS = (
     'hf-only',
@@ -327,7 +328,9 @@ def _validate(mi: MethodInput, method: str) -> None:
     # the restarts' gap criterion reads the paired files' LF fidelity too:
     # an ambiguous one stops the run here, not after the LF stage
     if needs or (mf_stage and mi.mf.get('restarts', 1) > 1 and mi.paired_files()):
-        _delta_lf_fidelity(mi)
+        # and every HF structure's partner, so that a missing or mismatched
+        # one stops the run here, not after the LF stage has trained
+        hf_frames_and_partners(mi, _delta_lf_fidelity(mi))
 
 
 def _delta_lf_fidelity(mi: MethodInput) -> str:
