@@ -30,6 +30,9 @@ terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
   deviation from the anchor's: ``indexed`` layers ΔW_f - ΔW_a and Δb_f - Δb_a;
   ``onehot`` layers the fidelity's one-hot weight columns minus the anchor's;
   fidelity radial networks (``fidelity_radial``) ΔW_f - ΔW_a.
+  ``parameter_positions`` scales each position's squared deviations in that
+  mean (e.g. ``{output_block: 0.1}``), so the L2 can be loose where the gap
+  may depend on the environment and tight elsewhere.
 
 The per-fidelity energy references never enter a penalty. Folding, deploy and
 export are unchanged: coupling only changes what is learned.
