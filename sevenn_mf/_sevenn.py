@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 from collections import OrderedDict
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import sevenn
 
@@ -159,16 +159,21 @@ def _register_config_keys() -> None:
 _native_patch_modality = _model_build.patch_modality
 
 
-def _is_fidelity_position(name: str, config: Dict[str, Any]) -> bool:
+def modal_position(name: str) -> Optional[str]:
+    """The ``use_modal_*`` flag whose position the layer ``name`` (as sevenn
+    names it) is at, or None."""
     for flag, suffix in MODAL_POSITION_KEYS.items():
-        if not config.get(flag, False):
-            continue
         if suffix == 'reduce_input_to_hidden':
             if name == suffix:
-                return True
+                return flag
         elif name.endswith(suffix) and not name.startswith('ghost_'):
-            return True
-    return False
+            return flag
+    return None
+
+
+def _is_fidelity_position(name: str, config: Dict[str, Any]) -> bool:
+    flag = modal_position(name)
+    return flag is not None and bool(config.get(flag, False))
 
 
 def patch_fidelity_layers(layers, config: Dict[str, Any]):

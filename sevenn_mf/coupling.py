@@ -46,7 +46,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._sevenn import KEY, MODAL_POSITION_KEYS
+from ._sevenn import KEY, modal_position
 from .data.cross_fidelity import pairs_in_batch
 from .gap import net_atomic_energy
 from .model import fidelity_layers, fidelity_radial_nets
@@ -190,12 +190,10 @@ def position_of(name: str) -> str:
     fidelity layer or radial network named as in the model."""
     if name.endswith('.weight_nn'):
         return 'radial'
-    for flag, suffix in MODAL_POSITION_KEYS.items():
-        if name == suffix or (
-            suffix != 'reduce_input_to_hidden' and name.endswith(suffix)
-        ):
-            return flag.replace('use_modal_', '')
-    raise CouplingError(f'{name!r} is at no known fidelity-dependent position')
+    flag = modal_position(name)
+    if flag is None:
+        raise CouplingError(f'{name!r} is at no known fidelity-dependent position')
+    return flag.replace('use_modal_', '')
 
 
 def check_options(raw: Any, fidelities: Optional[Sequence[str]] = None) -> None:
