@@ -161,11 +161,24 @@ def _convert(args) -> int:
 def _learning_curve(args) -> int:
     from .analysis.learning_curve import run_learning_curve
 
+    if args.merge:
+        from .analysis.learning_curve import merge_results
+
+        rows = merge_results(args.working_dir, args.merge)
+        print(
+            f'{len(rows)} runs from {len(args.merge)} folders in '
+            f'{os.path.join(args.working_dir, "results.csv")}; '
+            f'plot: {os.path.join(args.working_dir, "learning_curve.png")}'
+        )
     if args.table:
         from .analysis.learning_curve import markdown_table
 
         print(markdown_table(args.working_dir))
         return 0
+    if args.merge:
+        return 0
+    if not args.spec:
+        raise ValueError('give a learning-curve spec YAML (or --merge DIR ...)')
     sizes = [float(x) if '.' in x else int(x) for x in args.sizes or []]
     rows = run_learning_curve(
         args.spec,
@@ -274,7 +287,9 @@ def _add_analysis_parsers(sub) -> None:
         '(resumable): results.csv, summary.csv, learning_curve.png',
     )
     lc.add_argument(
-        'spec', help='learning-curve YAML (see sevenn_mf.analysis.learning_curve)'
+        'spec',
+        nargs='?',
+        help='learning-curve YAML (see sevenn_mf.analysis.learning_curve)',
     )
     lc.add_argument(
         '-w',
@@ -309,6 +324,13 @@ def _add_analysis_parsers(sub) -> None:
         '--table',
         action='store_true',
         help='print the results so far as a Markdown table; run nothing',
+    )
+    lc.add_argument(
+        '--merge',
+        nargs='+',
+        metavar='DIR',
+        help='merge the results.csv of these working folders (e.g. one per seed, '
+        'run side by side) into -w, with its summary and plot; run nothing',
     )
     lc.set_defaults(func=_learning_curve)
 

@@ -350,6 +350,63 @@ def test_learning_curve_resumable(tmp_path):
         assert len(list(csv.DictReader(fh))) == 1
 
 
+def test_learning_curve_merge_per_seed_folders(tmp_path):
+    """Seeds run side by side in their own folders merge into one curve: every
+    row kept once, run_dir still pointing at the run, mean and sample sd over
+    the seeds as computed directly; a run in two folders is refused."""
+    from sevenn_mf.analysis.learning_curve import (
+        COLUMNS,
+        RESULTS,
+        SpecError,
+        _write_csv,
+        merge_results,
+    )
+    from sevenn_mf.cli import main
+
+    energies = {1: 9.5, 2: 13.25, 3: 11.0}
+    for seed, e in energies.items():
+        folder = tmp_path / f's{seed}'
+        (folder / 'runs' / 'mf' / f'n80_s{seed}').mkdir(parents=True)
+        rows = [
+            {'method': 'mf', 'n_hf': 80, 'seed': seed, 'energy_mae': e,
+             'force_mae': 100 + seed, 'run_dir': f'runs/mf/n80_s{seed}'},
+            {'method': 'delta', 'n_hf': 40, 'seed': seed, 'energy_mae': 2 * e,
+             'run_dir': f'runs/delta/n40_s{seed}'},
+        ]  # fmt: skip
+        _write_csv(str(folder / RESULTS), COLUMNS, rows)
+    out = tmp_path / 'all'
+    merged = merge_results(str(out), [str(tmp_path / f's{s}') for s in energies])
+    assert len(merged) == 6
+    for r in merged:
+        if r['method'] == 'mf':
+            assert (out / r['run_dir']).resolve() == (
+                tmp_path / f's{r["seed"]}' / 'runs' / 'mf' / f'n80_s{r["seed"]}'
+            ).resolve()
+    with open(out / 'summary.csv') as fh:
+        summ = {(r['method'], r['n_hf']): r for r in csv.DictReader(fh)}
+    e = np.array(list(energies.values()))
+    assert float(summ[('mf', '80')]['energy_mae_mean']) == pytest.approx(e.mean())
+    assert float(summ[('mf', '80')]['energy_mae_std']) == pytest.approx(
+        e.std(ddof=1)
+    )
+    assert float(summ[('delta', '40')]['energy_mae_std']) == pytest.approx(
+        2 * e.std(ddof=1)
+    )
+    assert (out / 'learning_curve.png').is_file()
+
+    with pytest.raises(SpecError, match='seed=1 is in both'):
+        merge_results(str(tmp_path / 'dup'), [str(tmp_path / 's1')] * 2)
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(SpecError, match='no results'):
+        merge_results(str(tmp_path / 'e'), [str(tmp_path / 'empty')])
+    # the command line: a merge needs no spec; nothing to run needs one
+    assert main(['learning-curve', '--merge', str(tmp_path / 's2'),
+                 '-w', str(tmp_path / 'cli')]) == 0  # fmt: skip
+    with open(tmp_path / 'cli' / RESULTS) as fh:
+        assert len(list(csv.DictReader(fh))) == 2
+    assert main(['learning-curve', '-w', str(tmp_path / 'cli2')]) == 2
+
+
 def test_method_input_errors(tmp_path):
     from sevenn_mf.analysis.methods import MethodError, read_method_input, run_method
 

@@ -37,8 +37,8 @@ evidence that it converged).
 
 ``results.csv`` gets one row per finished run, rewritten atomically (a
 temporary file renamed over it); a run already in it is skipped, and an
-interrupted one continues from its checkpoints. ``summary.csv`` (mean, std,
-min, max over seeds) and ``learning_curve.png`` (mean line, min-max band,
+interrupted one continues from its checkpoints. ``summary.csv`` (mean, sample
+standard deviation, min, max over seeds) and ``learning_curve.png`` (mean line, min-max band,
 std error bars) are rebuilt from ``results.csv`` at the end of every run.
 """
 
@@ -209,6 +209,44 @@ def append_result(out_dir: str, row: Dict[str, Any]) -> None:
         fcntl.flock(lock, fcntl.LOCK_EX)
         rows = read_results(out_dir) + [{k: _fmt(row.get(k, '')) for k in COLUMNS}]
         _write_csv(os.path.join(out_dir, RESULTS), COLUMNS, rows)
+
+
+def merge_results(out_dir: str, sources: Sequence[str]) -> List[Dict[str, str]]:
+    """One curve from several working folders (or their results.csv), e.g.
+    one folder per seed run side by side: ``out_dir`` gets their rows in one
+    results.csv (``run_dir`` rewritten relative to it), summary.csv and
+    learning_curve.png. The same (method, n, seed) in two sources is an
+    error, not a silent choice between two trainings."""
+    out_dir = os.path.abspath(out_dir)
+    seen: Dict[tuple, str] = {}
+    rows: List[Dict[str, str]] = []
+    for src in sources:
+        path = src if os.path.isfile(src) else os.path.join(src, RESULTS)
+        folder = os.path.dirname(os.path.abspath(path))
+        got = []
+        if os.path.isfile(path):
+            with open(path, newline='') as f:
+                got = list(csv.DictReader(f))
+        if not got:
+            raise SpecError(f'{path}: no results to merge')
+        for r in got:
+            key = _key(r['method'], r['n_hf'], r['seed'])
+            if key in seen:
+                raise SpecError(
+                    f'run {r["method"]} n={r["n_hf"]} seed={r["seed"]} is in '
+                    f'both {seen[key]} and {src}: merge one of them'
+                )
+            seen[key] = src
+            r = dict(r)
+            if r.get('run_dir'):
+                r['run_dir'] = os.path.relpath(
+                    os.path.join(folder, r['run_dir']), out_dir
+                )
+            rows.append(r)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_csv(os.path.join(out_dir, RESULTS), COLUMNS, rows)
+    write_summary(out_dir)
+    return rows
 
 
 def _fmt(v: Any) -> str:
@@ -568,7 +606,8 @@ def summarize(rows: Sequence[Dict[str, str]]) -> List[Dict[str, Any]]:
                 row.update(
                     {
                         f'{m}_mean': v.mean(),
-                        f'{m}_std': v.std(),
+                        # sample sd: three seeds are a sample of the seeds
+                        f'{m}_std': v.std(ddof=1) if v.size > 1 else 0.0,
                         f'{m}_min': v.min(),
                         f'{m}_max': v.max(),
                     }
