@@ -174,8 +174,7 @@ def _learning_curve(args) -> int:
         from .analysis.learning_curve import markdown_table
 
         print(markdown_table(args.working_dir))
-        return 0
-    if args.merge:
+    if args.table or args.merge:
         return 0
     if not args.spec:
         raise ValueError('give a learning-curve spec YAML (or --merge DIR ...)')

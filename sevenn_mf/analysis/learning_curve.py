@@ -37,9 +37,10 @@ evidence that it converged).
 
 ``results.csv`` gets one row per finished run, rewritten atomically (a
 temporary file renamed over it); a run already in it is skipped, and an
-interrupted one continues from its checkpoints. ``summary.csv`` (mean, sample
-standard deviation, min, max over seeds) and ``learning_curve.png`` (mean line, min-max band,
-std error bars) are rebuilt from ``results.csv`` at the end of every run.
+interrupted one continues from its checkpoints. ``summary.csv`` (mean,
+sample standard deviation, min, max over seeds) and ``learning_curve.png``
+(mean line, min-max band, std error bars) are rebuilt from ``results.csv`` at
+the end of every run.
 """
 
 from __future__ import annotations
@@ -212,8 +213,8 @@ def append_result(out_dir: str, row: Dict[str, Any]) -> None:
 
 
 def merge_results(out_dir: str, sources: Sequence[str]) -> List[Dict[str, str]]:
-    """One curve from several working folders (or their results.csv), e.g.
-    one folder per seed run side by side: ``out_dir`` gets their rows in one
+    """One curve from several working folders, e.g. one per seed run side
+    by side: ``out_dir`` gets their rows in one
     results.csv (``run_dir`` rewritten relative to it), summary.csv and
     learning_curve.png. The same (method, n, seed) in two sources is an
     error, not a silent choice between two trainings."""
@@ -221,14 +222,10 @@ def merge_results(out_dir: str, sources: Sequence[str]) -> List[Dict[str, str]]:
     seen: Dict[tuple, str] = {}
     rows: List[Dict[str, str]] = []
     for src in sources:
-        path = src if os.path.isfile(src) else os.path.join(src, RESULTS)
-        folder = os.path.dirname(os.path.abspath(path))
-        got = []
-        if os.path.isfile(path):
-            with open(path, newline='') as f:
-                got = list(csv.DictReader(f))
+        folder = os.path.abspath(src)
+        got = read_results(folder)
         if not got:
-            raise SpecError(f'{path}: no results to merge')
+            raise SpecError(f'{os.path.join(src, RESULTS)}: no results to merge')
         for r in got:
             key = _key(r['method'], r['n_hf'], r['seed'])
             if key in seen:
