@@ -23,8 +23,10 @@ by region instead, the way the real task is: one part trains, the other part
 
 * ``--heldout FILE ...``: the whole HF pool trains and these files score:
   a surrogate task whose HF labels exist where the real pool has none
-  (``scripts/surrogate_fidelity.py``: InGaN at x = 0.5). Variants may then
-  also be ``delta`` or ``transfer``, as references on the same task.
+  (``scripts/surrogate_fidelity.py``: InGaN at x = 0.5).
+
+Variants may also be ``delta`` or ``transfer``, as references on the same
+task (with either kind of split).
 
 No test file is read. Every variant is one ``sevenn_mf.analysis.methods`` run
 (resumable), scored on the held-out HF part (energy MAE and signed mean,
@@ -32,13 +34,14 @@ force MAE where labelled) next to the LF validation error of the same model.
 
     OMP_NUM_THREADS=1 python scripts/select_coupling.py \\
         input_templates/ingan_methods.yaml --split x_In \\
-        --variants input_templates/coupling_variants.yaml -w runs/select_ingan
+        --variants scripts/coupling_variants.yaml -w runs/select_ingan
 
 Variants file: a list of {name, method, model: {...}, train: {...}, mf:
 {...}, hf_weight: {...}} (model / train keys override the methods YAML,
 ``mf`` replaces its ``train.mf``, ``hf_weight`` the HF databases' ``weight``;
-``method`` is mf, mf-uncoupled or mf-transfer, or with ``--heldout`` also
-delta or transfer).
+``method`` is mf, mf-uncoupled or mf-transfer, or, as references on the same
+task, delta (with ``train.delta.paired_files``: the training part's PBE
+partners are paired by set / index) or transfer).
 """
 
 from __future__ import annotations
