@@ -34,8 +34,25 @@ terms, e.g. Huber, so ``energy: 1`` weighs like an energy label):
   mean (e.g. ``{output_block: 0.1}``), so the L2 can be loose where the gap
   may depend on the environment and tight elsewhere.
 
+With ``scale: fitted`` each coupled head gets its own energy scale (sevenn's
+``use_modal_wise_scale``: one number per fidelity, the same for every
+element), fitted once when training starts from a trained model: by least
+squares, together with the head's element references, to the head's own
+training labels against its predictions then (at the start the new head is
+the anchor's copy: :func:`sevenn_mf.finetune.fit_scale`). The function-space
+penalties then compare the heads' energies and forces each divided by its own
+scale, so a head may be a uniformly stiffer or softer copy of the anchor
+without penalty. Between methods that differ in how stiff bonds are
+(CCSD(T) against PBE) the gap grows with the distortion energy, and a penalty
+on its spread pins the high-fidelity head to the anchor's curvature exactly
+where it has no labels. (Learning the scale by gradient instead was tried:
+with Adam, a scale is a lever on the mean energy of the labelled structures
+as much as on their spread, and it drifted the wrong way; see
+docs/benchmarks.md, round 15.)
+
 The per-fidelity energy references never enter a penalty. Folding, deploy and
-export are unchanged: coupling only changes what is learned.
+export are unchanged: coupling only changes what is learned (a fitted scale
+folds into the plain model's scale).
 """
 
 from __future__ import annotations
@@ -48,7 +65,7 @@ import torch
 
 from ._sevenn import KEY, modal_position
 from .data.cross_fidelity import pairs_in_batch
-from .gap import net_atomic_energy
+from .gap import RESCALE, net_atomic_energy
 from .model import fidelity_layers, fidelity_radial_nets
 from .nn.fidelity_linear import instruction_map
 
@@ -64,7 +81,10 @@ KEYS = (
     'fraction',
     'energy_within',
     'parameter_positions',
+    'scale',
 )
+# whether the coupled heads' energy scale is the anchor's or fitted at the start
+SCALES = ('fixed', 'fitted')
 # which structures' per-atom gaps the energy term compares: those of one
 # composition (default), or every structure of the batch
 ENERGY_WITHIN = ('composition', 'batch')
@@ -84,6 +104,7 @@ DEFAULTS = {
     'fraction': 0.5,
     'energy_within': 'composition',
     'parameter_positions': None,
+    'scale': 'fixed',
 }
 # multipliers of the parameter L2 per fidelity-dependent position (sevenn's
 # use_modal_* names, and fidelity_radial's networks); 1 where not given
@@ -112,6 +133,11 @@ class CouplingSettings:
     fraction: float = 1.0
     energy_within: str = 'composition'
     parameter_positions: Dict[str, float] = field(default_factory=dict)
+    scale: str = 'fixed'
+
+    @property
+    def fitted_scale(self) -> bool:
+        return self.scale == 'fitted'
 
     @property
     def function_space(self) -> bool:
@@ -123,7 +149,7 @@ class CouplingSettings:
 
     @property
     def active(self) -> bool:
-        return self.function_space or self.parameter_space
+        return self.function_space or self.parameter_space or self.fitted_scale
 
     def describe(self) -> str:
         parts = []
@@ -143,6 +169,8 @@ class CouplingSettings:
                 + ', '.join(f'{f} {w:g}' for f, w in self.parameter.items() if w > 0)
                 + (f' ({at})' if at else '')
             )
+        if self.fitted_scale:
+            parts.append('energy scale of each coupled head fitted at the start')
         return (
             f'coupled heads {", ".join(self.fidelities)} -> anchor {self.anchor}: '
             + '; '.join(parts)
@@ -236,6 +264,11 @@ def settings_from(
             f'train.coupling.energy_within must be one of '
             f'{", ".join(ENERGY_WITHIN)}, got {within!r}'
         )
+    scale = raw.get('scale', DEFAULTS['scale'])
+    if scale not in SCALES:
+        raise CouplingError(
+            f'train.coupling.scale must be one of {", ".join(SCALES)}, got {scale!r}'
+        )
     anchor = raw.get('anchor')
     listed = raw.get('fidelities')
     if listed is not None and (
@@ -291,6 +324,7 @@ def settings_from(
         fraction=fraction,
         energy_within=within,
         parameter_positions=positions,
+        scale=scale,
         **weights,
     )
     if not coupled and settings.active:
@@ -395,6 +429,14 @@ def composition_groups(batch, structures: Sequence[int]) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.long)
 
 
+def atom_scales(batch, model) -> torch.Tensor:
+    """Each atom's energy scale at its structure's fidelity (N,)."""
+    rescale = model._modules[RESCALE]
+    types = batch[KEY.ATOM_TYPE].reshape(-1)
+    modal = batch[KEY.MODAL_TYPE].reshape(-1)[batch[KEY.BATCH]]
+    return rescale.scale[modal, types]
+
+
 class CouplingLoss:
     """A loss term in sevenn's sense (``trainer.loss_functions`` entries have
     ``get_loss(batch, model)`` and ``name``): the coupling penalties of one
@@ -462,6 +504,18 @@ class CouplingLoss:
         net = net_atomic_energy(batch, model)
         dev = net.device  # index tensors made here go where the batch is (GPU)
         modal = batch[KEY.MODAL_TYPE].reshape(-1).tolist()
+        force = batch[KEY.PRED_FORCE] if self.settings.force > 0 else None
+        stress = batch[KEY.PRED_STRESS] if self.settings.stress > 0 else None
+        if self.settings.fitted_scale:
+            # each head in its own units: a uniform stiffening is no gap
+            per_atom_scale = atom_scales(batch, model).detach()
+            net = net / per_atom_scale
+            if force is not None:
+                force = force / per_atom_scale.unsqueeze(-1)
+            if stress is not None:
+                stress = (
+                    stress / per_atom_scale[torch.tensor(start, device=dev)][:, None]
+                )
 
         def nodes(structures):
             return torch.cat(
@@ -494,10 +548,7 @@ class CouplingLoss:
                 if spread is not None:
                     terms['energy'].append(self._crit(spread))
             if self.settings.force > 0:
-                fd = (
-                    batch[KEY.PRED_FORCE][node_c]
-                    - batch[KEY.PRED_FORCE][node_o].detach()
-                )
+                fd = force[node_c] - force[node_o].detach()
                 terms['force'].append(self._crit(fd))
             if self.settings.stress > 0:
                 stressed = [
@@ -508,10 +559,7 @@ class CouplingLoss:
                 if stressed:
                     cs = torch.tensor([c for c, _ in stressed], device=dev)
                     os_ = torch.tensor([o for _, o in stressed], device=dev)
-                    sd = (
-                        batch[KEY.PRED_STRESS][cs]
-                        - batch[KEY.PRED_STRESS][os_].detach()
-                    )
+                    sd = stress[cs] - stress[os_].detach()
                     terms['stress'].append(self._crit(sd * _TO_KBAR))
         return {k: torch.stack(v).mean() for k, v in terms.items() if v}
 

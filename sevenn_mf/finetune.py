@@ -67,6 +67,7 @@ from .model import (
     fidelity_layers,
     fidelity_parameter_names,
     model_device,
+    per_fidelity_scale,
 )
 from .nn.fidelity_linear import instruction_map
 
@@ -277,6 +278,17 @@ def _add_to_shift(
             rescale.shift[f, type_map[z]] += float(d)
 
 
+def _training_energy_graphs(data, fid: str, max_structures: int) -> List[Any]:
+    graphs = [
+        g for db in data.databases if db.spec.fidelity == fid for g in db.train
+    ]
+    graphs = [g for g in graphs if np.isfinite(float(g[KEY.ENERGY]))]
+    if len(graphs) > max_structures:  # a few coefficients: a sample suffices
+        pick = np.linspace(0, len(graphs) - 1, max_structures).round().astype(int)
+        graphs = [graphs[i] for i in pick]
+    return graphs
+
+
 def fit_references(
     model: torch.nn.Module,
     config: Dict[str, Any],
@@ -291,15 +303,7 @@ def fit_references(
     predicted per fidelity."""
     done = {}
     for fid in fidelities:
-        graphs = [
-            g for db in data.databases if db.spec.fidelity == fid for g in db.train
-        ]
-        graphs = [g for g in graphs if np.isfinite(float(g[KEY.ENERGY]))]
-        if len(graphs) > max_structures:  # a few coefficients: a sample suffices
-            pick = (
-                np.linspace(0, len(graphs) - 1, max_structures).round().astype(int)
-            )
-            graphs = [graphs[i] for i in pick]
+        graphs = _training_energy_graphs(data, fid, max_structures)
         if not graphs:
             log(f'reference fit ({fid}): no labelled training energies, skipped')
             continue
@@ -334,6 +338,90 @@ def fit_references(
         done[fid] = delta
     _shift_to_config(model, config)
     return done
+
+
+class ScaleFitError(FinetuneError):
+    pass
+
+
+def fit_scale(
+    model: torch.nn.Module,
+    config: Dict[str, Any],
+    data,
+    fidelities: List[str],
+    log: Callable[[str], None] = print,
+    max_structures: int = 400,
+) -> Dict[str, Any]:
+    """``train.coupling.scale: fitted``: give each of ``fidelities`` its own
+    energy scale and refit its element references, both by least squares to
+    its training labels against the model's predictions at that head now
+    (in place on the model; returns the config that rebuilds it).
+
+    Per structure ``s`` of ``n_s`` atoms, ``E_s / n_s = a * N_s / n_s +
+    sum_Z (n_sZ / n_s) r_Z``, where ``N_s`` is the head's energy beyond its
+    references; ``a`` multiplies the head's scale, ``r`` replaces its
+    references. Meant for a head that starts as a trained head's copy
+    (``pretrained_add`` / ``train.mf.init: lf``): ``a`` is then how much
+    stiffer the labels' energy surface is than that head's."""
+    config = per_fidelity_scale(model, config)
+    rescale = model._modules['rescale_atomic_energy']
+    type_map = config[KEY.TYPE_MAP]
+    batch = int(config.get(KEY.BATCH_SIZE, 8))
+    for fid in fidelities:
+        f = config[KEY.MODAL_MAP][fid]
+        graphs = _training_energy_graphs(data, fid, max_structures)
+        if len(graphs) < 3:
+            raise ScaleFitError(
+                f'train.coupling.scale: fitted needs energy labels of {fid!r} '
+                f'(found {len(graphs)} training structures with one)'
+            )
+        pred = predict_energies(model, graphs, batch)
+        shift = rescale.shift[f].detach().double().cpu().numpy()
+        numbers = [g[KEY.ATOMIC_NUMBERS].cpu().numpy().astype(int) for g in graphs]
+        n = np.array([len(z) for z in numbers], dtype=float)
+        own = np.array([shift[[type_map[int(x)] for x in z]].sum() for z in numbers])
+        label = np.array([float(g[KEY.ENERGY]) for g in graphs])
+        species = sorted({int(x) for z in numbers for x in z})
+        comp = (
+            np.array([[np.sum(z == el) for el in species] for z in numbers])
+            / n[:, None]
+        )
+        net, y = (pred - own) / n, label / n
+        # the part of net and y that composition (the references) cannot take
+        u, sv, _ = np.linalg.svd(comp, full_matrices=False)
+        q = u[:, sv > 1e-10 * sv.max()]
+        rn, ry = net - q @ (q.T @ net), y - q @ (q.T @ y)
+        if float(rn @ rn) <= 1e-18:
+            raise ScaleFitError(
+                f'train.coupling.scale: fitted: the {fid!r} head predicts the same '
+                'energy per atom beyond its references for every training '
+                'structure of a composition; no scale can be fitted'
+            )
+        a = float(rn @ ry / (rn @ rn))
+        dof = max(len(y) - comp.shape[1] - 1, 1)
+        se = float(np.sqrt(np.sum((ry - a * rn) ** 2) / dof / (rn @ rn)))
+        if not np.isfinite(a) or a <= 0:
+            raise ScaleFitError(
+                f'train.coupling.scale: fitted: the {fid!r} labels give a scale of '
+                f'{a:g} against the head at the start; a trained start is needed'
+            )
+        items = [
+            SimpleNamespace(numbers=z, energy=e - a * (p - o), forces=None)
+            for z, e, p, o in zip(numbers, label, pred, own)
+        ]
+        refs = fit_reference_energies(items, [chemical_symbols[z] for z in species])
+        with torch.no_grad():
+            rescale.scale[f] *= a
+        _add_to_shift(model, config, fid, refs, replace=True)
+        after = predict_energies(model, graphs, batch)
+        log(
+            f'energy scale fit ({fid}): x{a:.4f} ± {se:.4f} of the head at the '
+            f'start, with its references, on {len(graphs)} structures; energy '
+            f'MAE {1000 * np.mean(np.abs(label - pred) / n):.2f} -> '
+            f'{1000 * np.mean(np.abs(label - after) / n):.2f} meV/atom'
+        )
+    _shift_to_config(model, config)
+    return per_fidelity_scale(model, config)
 
 
 def finetune_model(

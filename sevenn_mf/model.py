@@ -137,6 +137,32 @@ def fidelity_parameter_names(model: torch.nn.Module) -> List[str]:
     return names
 
 
+def per_fidelity_scale(
+    model: AtomGraphSequential, config: Dict[str, Any]
+) -> Dict[str, Any]:
+    """Give every fidelity its own energy scale (sevenn's
+    ``use_modal_wise_scale``), each starting at the model's present one; the
+    model is changed in place. Returns the config that rebuilds it: sevenn's
+    loaders take the scale's shape from the config, so a checkpoint written
+    with the old one would not load."""
+    rescale = model._modules['rescale_atomic_energy']
+    if not getattr(rescale, 'use_modal_wise_scale', True):
+        old = rescale.scale.detach()
+        n_modal = len(config[KEY.MODAL_MAP])
+        rescale.scale = torch.nn.Parameter(
+            old.reshape(1, -1).expand(n_modal, -1).clone(),
+            requires_grad=rescale.scale.requires_grad,
+        )
+        rescale.use_modal_wise_scale = True
+    config = dict(config)
+    _, scale = get_resolved_shift_scale(
+        rescale, config[KEY.TYPE_MAP], config[KEY.MODAL_MAP]
+    )
+    config[KEY.SCALE] = scale
+    config[KEY.USE_MODAL_WISE_SCALE] = True
+    return config
+
+
 def convert_layer_mode(
     model: AtomGraphSequential, config: Dict[str, Any], mode: str
 ) -> Tuple[AtomGraphSequential, Dict[str, Any]]:

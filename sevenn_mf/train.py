@@ -35,6 +35,7 @@ from ._sevenn import KEY
 from .checkpoint import atomic_torch_save, read_training_state, remove_stale_saves
 from .config import check_config
 from .coupling import (
+    CouplingError,
     CouplingLoss,
     CouplingSettings,
     CouplingWarning,
@@ -692,6 +693,10 @@ def train(
         if config.get(S.FREEZE_SHARED):
             frozen = freeze_shared(model)
             logger.writeline(f'frozen shared parameters: {len(frozen)} tensors')
+        if couple is not None and couple.fitted_scale:
+            config = finetune.fit_scale(
+                model, config, data, couple.fidelities, log=logger.writeline
+            )
         if couple is not None and (inert := inert_warning(couple, model)):
             warnings.warn(inert, CouplingWarning, stacklevel=1)
         trainer = make_trainer(model, config, couple)
@@ -775,6 +780,15 @@ def check_options(config: Dict[str, Any]) -> None:
         - {None}
     )
     check_coupling(config.get(S.COUPLING), fids)
+    raw = config.get(S.COUPLING)
+    if isinstance(raw, dict) and raw.get('scale') == 'fitted':
+        if not config.get(S.PRETRAINED):
+            raise CouplingError(
+                "train.coupling.scale: fitted fits each coupled head's energy "
+                'scale to its labels against that head at the start, so it '
+                'needs a trained start: train.pretrained (fine-tuning), or with '
+                '--method mf, train.mf: {init: lf}'
+            )
     check_decay(config.get(S.EMA_DECAY) or 0.0)
     if config.get(S.EARLY_STOPPING):
         early_stopping_settings(config, best_loader='(checked later)')

@@ -32,7 +32,7 @@ from sevenn_mf.data.cross_fidelity import (
 from sevenn_mf.data.databases import read_frames
 from sevenn_mf.data.graphs import build_graphs
 from sevenn_mf.data.sampler import DatabaseSampler
-from sevenn_mf.model import build_model, fidelity_layers
+from sevenn_mf.model import build_model, fidelity_layers, per_fidelity_scale
 from sevenn_mf.nn.fidelity_linear import instruction_map
 
 ANCHOR, HF = FIDS  # 'pbe', 'r2scan'
@@ -151,6 +151,85 @@ def test_penalties_vanish_when_heads_agree(mode, lf_graphs):
     assert loss.parameter_penalty(model).item() > 1e-4
     # (the energy term compares two pairs of one composition: small but real)
     assert terms['energy'].item() > 1e-8 and terms['force'].item() > 1e-6
+
+
+@pytest.mark.parametrize('mode', ['onehot', 'indexed'])
+def test_fitted_scale_lets_a_uniformly_stiffer_head_go_free(mode, lf_graphs):
+    cfg = small_config(mode)
+    torch.manual_seed(3)
+    model = build_model(cfg)
+    _equal_heads(model)
+    settings = _settings(energy=1, force=1, scale='fitted')
+    cfg = per_fidelity_scale(model, cfg)
+    scale = model.rescale_atomic_energy.scale
+    assert cfg[KEY.USE_MODAL_WISE_SCALE] and tuple(scale.shape) == (2, 3)
+    with torch.no_grad():
+        scale[1] = 1.1 * scale[0]  # the HF head: the anchor's PES x 1.1
+    fixed = CouplingLoss(_settings(energy=1, force=1), cfg, _huber)
+    fitted = CouplingLoss(settings, cfg, _huber)
+    out = _forward_train(model, _batch_with_copies(lf_graphs))
+    t_fixed = fixed.function_penalty(out, model)
+    t_fitted = fitted.function_penalty(out, model)
+    # forces differ by 10 %: a gap for the anchor's scale, none in each own's
+    assert t_fixed['force'].item() > 1e-6 and t_fixed['energy'].item() > 1e-9
+    assert t_fitted['force'].item() < 1e-6 * t_fixed['force'].item()
+    assert t_fitted['energy'].item() < 1e-6 * t_fixed['energy'].item()
+    _perturb_hf_head(model)
+    out = _forward_train(model, _batch_with_copies(lf_graphs))
+    assert fitted.function_penalty(out, model)['force'].item() > 1e-6
+    # the gradient still reaches the coupled head only, never a scale
+    model.zero_grad()
+    assert fitted.get_loss(out, model) is None
+    assert scale.grad is None
+    # a rebuilt model (sevenn's loaders do that from the config) has the shape
+    build_model(cfg).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_fit_scale_recovers_a_known_stiffening_and_references():
+    from types import SimpleNamespace
+
+    from sevenn_mf.finetune import fit_scale, predict_energies
+
+    cfg = small_config('onehot')
+    torch.manual_seed(5)
+    model = build_model(cfg)
+    _equal_heads(model)  # the HF head starts as the anchor's copy
+    frames = read_frames(QUICKSTART_DATA / 'pbe.extxyz')
+    graphs = build_graphs(frames[:12], 4.5, HF, 1.0)
+    # labels: the head's own energy beyond its references x 1.25, plus new
+    # references (Ga -3, In -2, N -5 eV); several compositions
+    f = cfg[KEY.MODAL_MAP][HF]
+    shift = model.rescale_atomic_energy.shift[f].detach().double()
+    pred = predict_energies(model, graphs)
+    new_ref = {31: -3.0, 49: -2.0, 7: -5.0}
+    for g, p in zip(graphs, pred):
+        z = g[KEY.ATOMIC_NUMBERS].tolist()
+        own = sum(float(shift[cfg[KEY.TYPE_MAP][x]]) for x in z)
+        g[KEY.ENERGY] = torch.tensor(1.25 * (p - own) + sum(new_ref[x] for x in z))
+    data = SimpleNamespace(
+        databases=[SimpleNamespace(spec=SimpleNamespace(fidelity=HF), train=graphs)]
+    )
+    lines = []
+    cfg = fit_scale(model, cfg, data, [HF], log=lines.append)
+    scale = model.rescale_atomic_energy.scale.detach()
+    assert float(scale[f, 0] / scale[1 - f, 0]) == pytest.approx(1.25, rel=1e-4)
+    assert torch.allclose(scale[f], scale[f, :1].expand_as(scale[f]))
+    after = predict_energies(model, graphs)
+    labels = np.array([float(g[KEY.ENERGY]) for g in graphs])
+    np.testing.assert_allclose(after, labels, atol=2e-4)
+    assert 'energy scale fit (r2scan): x1.2500' in lines[0]
+    # the config rebuilds the model, and says the same scale
+    assert cfg[KEY.SCALE][HF][31] == pytest.approx(float(scale[f, 0]))
+    build_model(cfg).load_state_dict(model.state_dict(), strict=True)
+
+
+def test_fitted_scale_needs_a_trained_start():
+    from sevenn_mf.train import check_options
+
+    cfg = dict(small_config('onehot'), coupling={'scale': 'fitted'})
+    with pytest.raises(CouplingError, match='needs a trained start'):
+        check_options(cfg)
+    check_options(dict(cfg, pretrained='some.pth'))
 
 
 @pytest.mark.parametrize('mode', ['onehot', 'indexed'])
@@ -352,6 +431,8 @@ def test_parameter_positions_weigh_each_position(mode):
 
 
 def test_settings_errors():
+    with pytest.raises(CouplingError, match='scale must be one of'):
+        settings_from({'scale': 'free'}, FIDS, {})
     with pytest.raises(CouplingError, match='unknown key'):
         settings_from({'enrgy': 1}, FIDS, {})
     with pytest.raises(CouplingError, match="'hse' is not a fidelity"):
@@ -488,9 +569,15 @@ def ingan_runs(tmp_path_factory, shared_data):
             'coupled',
             {'anchor': ANCHOR, 'energy': 2.0, 'force': 1.0, 'parameter': 0.1},
         ),
+        ('scaled', {'anchor': ANCHOR, 'scale': 'fitted'}),
     ):
         d = tmp_path_factory.mktemp(name)
         raw = _ingan_raw(d, shared_data, coupling)
+        if name == 'scaled':  # a fitted scale needs a trained start
+            raw['train'].update(
+                pretrained=str(out['plain'][1] / 'checkpoint_best.pth'), epoch=4
+            )
+            raw['train']['scheduler_param']['total_iters'] = 4
         config = config_from_dict(raw, str(d))
         train(config, str(d / 'run'), screen=False)
         out[name] = (config, d / 'run')
@@ -527,7 +614,8 @@ def test_coupling_shrinks_the_gap_where_only_lf_data_is(ingan_runs, shared_data)
     assert f_cpl < 0.7 * f_plain, result
 
 
-def test_coupled_model_folds_exports_and_deploys_exactly(ingan_runs, tmp_path):
+@pytest.mark.parametrize('run', ['coupled', 'scaled'])
+def test_coupled_model_folds_exports_and_deploys_exactly(ingan_runs, tmp_path, run):
     import sevenn.util as sevenn_util
 
     from sevenn_mf.analysis.delta import evaluate_deployed
@@ -535,9 +623,15 @@ def test_coupled_model_folds_exports_and_deploys_exactly(ingan_runs, tmp_path):
     from sevenn_mf.deploy import deploy, export
     from sevenn_mf.model import fold
 
-    _, wd = ingan_runs['coupled']
+    _, wd = ingan_runs[run]
     cp = Checkpoint(wd / 'checkpoint_best.pth')
     model = cp.build_model()
+    # sevenn's own loader reads the fitted scales back
+    sv_model = sevenn_util.load_checkpoint(wd / 'checkpoint_best.pth').build_model()
+    scale = sv_model.rescale_atomic_energy.scale.detach()
+    if run == 'scaled':
+        assert scale.shape[0] == 2 and (scale[1] != scale[0]).all()
+        assert torch.allclose(scale, scale[:, :1].expand_as(scale))
     atoms = read(QUICKSTART_DATA / 'r2scan_test_x0.5.extxyz', 0)
     for fid in FIDS:
         e, f, _ = calc_results(model, atoms, fid)

@@ -4,6 +4,7 @@ and early stopping too (sevenn_mf.train)."""
 import csv
 
 import pytest
+import torch
 from emt_data import write_emt
 
 from sevenn_mf.config import config_from_dict
@@ -80,16 +81,34 @@ def _rows(wd):
         return list(csv.DictReader(f))
 
 
-def test_coupled_run_resumed_with_more_epochs_equals_one_run(tmp_path):
-    train(_config(tmp_path, _raw(tmp_path, 4)), str(tmp_path / 'one'), screen=False)
-    train(_config(tmp_path, _raw(tmp_path, 2)), str(tmp_path / 'two'), screen=False)
+@pytest.mark.parametrize('scale', ['fixed', 'fitted'])
+def test_coupled_run_resumed_with_more_epochs_equals_one_run(tmp_path, scale):
+    extra = {'coupling': dict(COUPLING, scale=scale)}
+    if scale == 'fitted':  # needs a trained start
+        base = _raw(tmp_path, 2)
+        train(_config(tmp_path, base), str(tmp_path / 'base'), screen=False)
+        extra['pretrained'] = str(tmp_path / 'base' / 'checkpoint_best.pth')
+    for wd, n in (('one', 4), ('two', 2)):
+        train(
+            _config(tmp_path, _raw(tmp_path, n, **extra)),
+            str(tmp_path / wd),
+            screen=False,
+        )
     # more epochs is a change resume allows
     train(
-        _config(tmp_path, _raw(tmp_path, 4)),
+        _config(tmp_path, _raw(tmp_path, 4, **extra)),
         str(tmp_path / 'two'),
         resume=True,
         screen=False,
     )
+    if scale == 'fitted':
+        s = torch.load(tmp_path / 'two' / 'checkpoint_last.pth', weights_only=False)[
+            'model_state_dict'
+        ]['rescale_atomic_energy.scale']
+        assert s.shape[0] == 2 and (s[1] != s[0]).all()
+        for wd in ('one', 'two'):
+            log = (tmp_path / wd / 'log.sevenn_mf').read_text()
+            assert 'energy scale fit (high): x' in log
     a, b = _rows(tmp_path / 'one'), _rows(tmp_path / 'two')
     assert [(r['epoch'], r['set']) for r in a] == [(r['epoch'], r['set']) for r in b]
     for x, y in zip(a, b):
