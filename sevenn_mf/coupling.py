@@ -65,7 +65,7 @@ import torch
 
 from ._sevenn import KEY, modal_position
 from .data.cross_fidelity import pairs_in_batch
-from .gap import RESCALE, net_atomic_energy
+from .gap import RESCALE, atom_fidelities, net_atomic_energy
 from .model import fidelity_layers, fidelity_radial_nets
 from .nn.fidelity_linear import instruction_map
 
@@ -431,10 +431,8 @@ def composition_groups(batch, structures: Sequence[int]) -> torch.Tensor:
 
 def atom_scales(batch, model) -> torch.Tensor:
     """Each atom's energy scale at its structure's fidelity (N,)."""
-    rescale = model._modules[RESCALE]
     types = batch[KEY.ATOM_TYPE].reshape(-1)
-    modal = batch[KEY.MODAL_TYPE].reshape(-1)[batch[KEY.BATCH]]
-    return rescale.scale[modal, types]
+    return model._modules[RESCALE].scale[atom_fidelities(batch), types]
 
 
 class CouplingLoss:

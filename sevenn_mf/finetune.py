@@ -413,7 +413,10 @@ def fit_scale(
         with torch.no_grad():
             rescale.scale[f] *= a
         _add_to_shift(model, config, fid, refs, replace=True)
-        after = predict_energies(model, graphs, batch)
+        # the head's energies now, without a second pass: its energy beyond
+        # the references is scaled by a, and the references are the new ones
+        new_own = [sum(refs[chemical_symbols[int(x)]] for x in z) for z in numbers]
+        after = a * (pred - own) + np.array(new_own)
         log(
             f'energy scale fit ({fid}): x{a:.4f} ± {se:.4f} of the head at the '
             f'start, with its references, on {len(graphs)} structures; energy '

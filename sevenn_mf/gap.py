@@ -31,6 +31,15 @@ from .model import fidelity_names, model_device
 RESCALE = 'rescale_atomic_energy'
 
 
+def atom_fidelities(output: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each atom's fidelity index (N,): its structure's, in a batch or not."""
+    types = output[KEY.ATOM_TYPE].reshape(-1)
+    modal = output[KEY.MODAL_TYPE].reshape(-1)
+    if KEY.BATCH in output and modal.numel() > 1:
+        return modal[output[KEY.BATCH]]
+    return modal[:1].expand_as(types)
+
+
 def net_atomic_energy(output: Dict[str, torch.Tensor], model) -> torch.Tensor:
     """Atomic energies (N,) of a model output minus each atom's per-fidelity
     element reference (sevenn's ``ModalWiseRescale`` shift)."""
@@ -39,12 +48,7 @@ def net_atomic_energy(output: Dict[str, torch.Tensor], model) -> torch.Tensor:
     types = output[KEY.ATOM_TYPE].reshape(-1)
     shift = rescale.shift
     if getattr(rescale, 'use_modal_wise_shift', False):
-        modal = output[KEY.MODAL_TYPE].reshape(-1)
-        if KEY.BATCH in output and modal.numel() > 1:
-            modal = modal[output[KEY.BATCH]]
-        else:
-            modal = modal[:1].expand_as(types)
-        return ae - shift[modal, types]
+        return ae - shift[atom_fidelities(output), types]
     return ae - shift[types]
 
 

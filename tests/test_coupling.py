@@ -218,6 +218,12 @@ def test_fit_scale_recovers_a_known_stiffening_and_references():
     labels = np.array([float(g[KEY.ENERGY]) for g in graphs])
     np.testing.assert_allclose(after, labels, atol=2e-4)
     assert 'energy scale fit (r2scan): x1.2500' in lines[0]
+    # the logged MAE after the fit is the model's own
+    n_atoms = np.array([g[KEY.NUM_ATOMS].item() for g in graphs])
+    logged = float(lines[0].split('-> ')[1].split(' meV')[0])
+    assert logged == pytest.approx(
+        1000 * np.mean(np.abs(after - labels) / n_atoms), abs=0.01
+    )
     # the config rebuilds the model, and says the same scale
     assert cfg[KEY.SCALE][HF][31] == pytest.approx(float(scale[f, 0]))
     build_model(cfg).load_state_dict(model.state_dict(), strict=True)
