@@ -398,7 +398,7 @@ def fit_scale(
                 'structure of a composition; no scale can be fitted'
             )
         a = float(rn @ ry / (rn @ rn))
-        dof = max(len(y) - comp.shape[1] - 1, 1)
+        dof = max(len(y) - q.shape[1] - 1, 1)  # references fitted + the scale
         se = float(np.sqrt(np.sum((ry - a * rn) ** 2) / dof / (rn @ rn)))
         if not np.isfinite(a) or a <= 0:
             raise ScaleFitError(
