@@ -5,8 +5,10 @@ Post-hoc analysis of a finished ``delta`` run of a learning curve (round 15
 of docs/benchmarks.md): on the HF *training* structures, the residual of
 Δ's prediction (LF model + Δ network) is regressed on the LF model's energy
 per atom; the fitted line is then added to Δ's prediction on the test file.
-No test label enters the fit. This approximates a Δ variant whose target has
-the linear term taken out; that variant is not implemented.
+No test label enters the fit. This approximated a Δ variant whose target has
+the linear term taken out; round 16 implemented it as ``train.delta: {scale:
+fitted}`` (the scale fitted to the paired labels before model B trains). The
+script stays to reproduce round 15's numbers.
 
     OMP_NUM_THREADS=1 python scripts/delta_linear_term.py runs/t15/eth_s1 \\
         --n 100 --seed 1 --test ../shared/data/ethanol/hf_test_dev_ccsdt.extxyz

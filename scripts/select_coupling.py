@@ -37,8 +37,9 @@ force MAE where labelled) next to the LF validation error of the same model.
         --variants scripts/coupling_variants.yaml -w runs/select_ingan
 
 Variants file: a list of {name, method, model: {...}, train: {...}, mf:
-{...}, hf_weight: {...}} (model / train keys override the methods YAML,
-``mf`` replaces its ``train.mf``, ``hf_weight`` the HF databases' ``weight``;
+{...}, delta: {...}, hf_weight: {...}} (model / train keys override the
+methods YAML, ``mf`` replaces its ``train.mf``, ``delta`` keys are added to
+its ``train.delta``, ``hf_weight`` the HF databases' ``weight``;
 ``method`` is mf, mf-uncoupled or mf-transfer, or, as references on the same
 task, delta (with ``train.delta.paired_files``: the training part's PBE
 partners are paired by set / index) or transfer).
@@ -161,7 +162,7 @@ def main() -> None:
     if (args.split is None) == (args.heldout is None):
         p.error('give one of --split and --heldout')
 
-    from sevenn_mf.analysis.learning_curve import hf_pool, write_subset
+    from sevenn_mf.analysis.learning_curve import hf_pool, lf_parts, write_subset
     from sevenn_mf.analysis.methods import read_method_input, run_method
     from sevenn_mf.analysis.predict import MethodModel
     from sevenn_mf.checkpoint import Checkpoint
@@ -202,6 +203,8 @@ def main() -> None:
                         db['weight'] = dict(var['hf_weight'])
             if var.get('mf') is not None:  # train.mf of the methods YAML
                 run_mi.mf = dict(var['mf'])
+            if var.get('delta') is not None:  # added to its train.delta
+                run_mi.delta = dict(run_mi.delta, **var['delta'])
             d = os.path.join(out, var['name'], f's{seed}')
             t0 = time.time()
             res = run_method(
@@ -219,7 +222,8 @@ def main() -> None:
             _, pred = model.predict_files(held_files)
             err = error_summary(pred)
             ref, e = np.asarray(pred.e_ref), np.asarray(pred.e_pred)
-            ckpt = res.parts[0][0]
+            # the LF head's stage: delta's scaled part A is a copy outside it
+            ckpt = (lf_parts(d, lf) or res.parts)[0][0]
             metrics = FidelityMetrics.read_csv(
                 os.path.join(os.path.dirname(ckpt), 'metrics.csv')
             )

@@ -39,6 +39,7 @@ from sevenn.nn.sequential import AtomGraphSequential
 
 from . import _sevenn as S
 from ._sevenn import KEY
+from .data.files import publish
 from .model import build_model, fidelity_names
 
 PathLike = Union[str, pathlib.Path]
@@ -433,7 +434,7 @@ def atomic_torch_save(obj: Any, path: PathLike) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -59,8 +59,16 @@ TRANSFER_KEYS = (
     'finetune_lr',
     'shared_lr_factor',
 )
-DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs')
-MF_KEYS = ('init', 'lf_epochs', 'lr', 'early_stopping', 'paired', 'restarts')
+DELTA_KEYS = ('paired_files', 'lf_fidelity', 'lf_epochs', 'delta_epochs', 'scale')
+MF_KEYS = (
+    'init',
+    'lf_epochs',
+    'lr',
+    'early_stopping',
+    'paired',
+    'restarts',
+    'freeze_shared',
+)
 MF_INITS = ('scratch', 'lf')
 
 # Options whose value is a mapping, and the sub-keys each takes. This is the

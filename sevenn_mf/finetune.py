@@ -61,7 +61,7 @@ from torch_geometric.loader import DataLoader
 from . import _sevenn as S
 from ._sevenn import CONST, KEY
 from .convert import convert
-from .data.references import fit_reference_energies
+from .data.references import fit_energy_scale, fit_reference_energies
 from .model import (
     build_model,
     fidelity_layers,
@@ -382,24 +382,14 @@ def fit_scale(
         own = np.array([shift[[type_map[int(x)] for x in z]].sum() for z in numbers])
         label = np.array([float(g[KEY.ENERGY]) for g in graphs])
         species = sorted({int(x) for z in numbers for x in z})
-        comp = (
-            np.array([[np.sum(z == el) for el in species] for z in numbers])
-            / n[:, None]
-        )
-        net, y = (pred - own) / n, label / n
-        # the part of net and y that composition (the references) cannot take
-        u, sv, _ = np.linalg.svd(comp, full_matrices=False)
-        q = u[:, sv > 1e-10 * sv.max()]
-        rn, ry = net - q @ (q.T @ net), y - q @ (q.T @ y)
-        if float(rn @ rn) <= 1e-18:
+        try:
+            a, se = fit_energy_scale(numbers, label, pred - own)
+        except ValueError:
             raise ScaleFitError(
                 f'train.coupling.scale: fitted: the {fid!r} head predicts the same '
                 'energy per atom beyond its references for every training '
                 'structure of a composition; no scale can be fitted'
-            )
-        a = float(rn @ ry / (rn @ rn))
-        dof = max(len(y) - q.shape[1] - 1, 1)  # references fitted + the scale
-        se = float(np.sqrt(np.sum((ry - a * rn) ** 2) / dof / (rn @ rn)))
+            ) from None
         if not np.isfinite(a) or a <= 0:
             raise ScaleFitError(
                 f'train.coupling.scale: fitted: the {fid!r} labels give a scale of '

@@ -163,6 +163,23 @@ def per_fidelity_scale(
     return config
 
 
+def scale_energy(
+    model: AtomGraphSequential, config: Dict[str, Any], factor: float
+) -> Dict[str, Any]:
+    """``factor`` times the model's energy at every fidelity (its scale and
+    its references, so forces and stress follow), in place; returns the config
+    that rebuilds it."""
+    rescale = model._modules['rescale_atomic_energy']
+    with torch.no_grad():
+        rescale.scale.mul_(factor)
+        rescale.shift.mul_(factor)
+    config = dict(config)
+    config[KEY.SHIFT], config[KEY.SCALE] = get_resolved_shift_scale(
+        rescale, config.get(KEY.TYPE_MAP), config.get(KEY.MODAL_MAP)
+    )
+    return config
+
+
 def convert_layer_mode(
     model: AtomGraphSequential, config: Dict[str, Any], mode: str
 ) -> Tuple[AtomGraphSequential, Dict[str, Any]]:

@@ -300,6 +300,98 @@ def test_delta_method_sum_calculator_and_one_deployed_file(tmp_path, cell):
     assert np.abs(f_pt - f).max() < 1e-4
 
 
+def test_delta_with_a_fitted_scale(tmp_path, cell):
+    """``train.delta.scale: fitted``: paired LF energies that are the HF ones
+    over 1.25 (plus references) give a = 1.25 on the training pairs alone;
+    model B then learns HF - 1.25 LF, model A is replaced by a copy with
+    1.25 times its energy and forces, which sevenn's own loader reads back,
+    the sum deploys as one file, and the learning curve's LF-model error
+    still reads the unscaled LF model."""
+    import sevenn.util as sevenn_util
+    from helpers import calc_results
+
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.delta import (
+        DeltaCalculator,
+        deploy_sum,
+        evaluate_deployed,
+        fit_delta_scale,
+    )
+    from sevenn_mf.analysis.learning_curve import lf_parts
+    from sevenn_mf.analysis.methods import MethodError, read_method_input, run_method
+    from sevenn_mf.data.graphs import split_validation
+
+    path = _methods_yaml(tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    raw['train']['delta']['scale'] = 'fitted'
+    path.write_text(yaml.safe_dump(raw))
+    r2 = read(tmp_path / 'r2scan.extxyz', ':')
+    paired = read(tmp_path / 'r2scan_at_pbe.extxyz', ':')
+    ref = {7: -0.3, 31: 0.2, 49: 0.45}  # per element: not only a shift per atom
+    # the hf database's validation split (ratio 0.25, seed 1): those pairs get
+    # an LF energy that is off, which the fit must not see
+    held_idx = split_validation(list(range(len(r2))), 0.25, 1)[1]
+    for i, (a, b) in enumerate(zip(r2, paired)):
+        e0 = sum(ref[z] for z in a.numbers)
+        b.calc = SinglePointCalculator(
+            b,
+            energy=(a.get_potential_energy() - e0) / 1.25 + 5.0 * (i in held_idx),
+            forces=a.get_forces() / 1.25,
+        )
+    write(tmp_path / 'r2scan_at_pbe.extxyz', paired)
+    mi = read_method_input(str(path))
+
+    a, se, count = fit_delta_scale(mi)
+    assert count == len(r2) - len(held_idx)
+    assert a == pytest.approx(1.25, rel=1e-9)
+    assert se < 1e-6
+
+    logs = []
+    wd = tmp_path / 'delta'
+    res = run_method(mi, 'delta', str(wd), screen=False, log=logs.append)
+    assert any('energy scale fit' in ln and 'x1.2500' in ln for ln in logs)
+    base, lf_stage = res.parts[0][0], res.stages[0].checkpoint
+    assert base != lf_stage
+    diff = read(wd / 'delta_data' / 'hf.extxyz', ':')
+    assert len(diff) == len(r2)
+    for i in range(len(r2)):
+        if i not in held_idx:
+            e0 = sum(ref[z] for z in r2[i].numbers)
+            assert diff[i].get_potential_energy() == pytest.approx(e0, abs=1e-6)
+            assert np.abs(diff[i].get_forces()).max() < 1e-6
+
+    atoms = cell.repeat((1, 1, 2))
+    e_a, f_a = [], []
+    for ckpt in (lf_stage, base):
+        b = atoms.copy()
+        b.calc = SevenNetMFCalculator(ckpt, 'pbe')
+        e_a.append(b.get_potential_energy())
+        f_a.append(b.get_forces())
+    assert e_a[1] == pytest.approx(1.25 * e_a[0], rel=1e-5)
+    np.testing.assert_allclose(f_a[1], 1.25 * f_a[0], atol=1e-5)
+    sv = sevenn_util.load_checkpoint(base).build_model()
+    e_sv, f_sv, _ = calc_results(sv, atoms, 'pbe')
+    assert e_sv == pytest.approx(e_a[1], abs=1e-4)
+    np.testing.assert_allclose(f_sv, f_a[1], atol=1e-4)
+
+    b = atoms.copy()
+    b.calc = DeltaCalculator.from_run(str(wd))
+    e = b.get_potential_energy()
+    pt = deploy_sum(res.parts, str(tmp_path / 'delta.pt'))
+    e_pt, _ = evaluate_deployed(pt, atoms)
+    assert e_pt == pytest.approx(e, abs=1e-4)
+    assert lf_parts(str(wd), 'pbe') == [(lf_stage, 'pbe')]
+
+    raw = yaml.safe_load(path.read_text())
+    raw['train']['delta']['scale'] = 'learned'
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        MethodError, match='train.delta.scale must be fixed or fitted'
+    ):
+        read_method_input(str(bad))
+
+
 def test_learning_curve_resumable(tmp_path):
     from sevenn_mf.analysis.learning_curve import RESULTS, run_learning_curve
 
@@ -752,6 +844,72 @@ def test_mf_stage_takes_its_own_early_stopping(tmp_path):
         path = _methods_yaml(tmp_path, mf={'init': 'lf', 'early_stopping': bad})
         with pytest.raises(MethodError, match=f'train.mf.early_stopping.{word}'):
             read_method_input(str(path))
+
+
+def test_mf_stage_with_frozen_shared_layers(tmp_path):
+    """``train.mf.freeze_shared`` freezes the shared layers in the
+    multi-fidelity stage only: every shared weight of its model is the LF
+    model's exactly while the fidelity-dependent ones moved, the LF stage
+    trained everything; without ``init: lf`` it is refused up front."""
+    import torch
+
+    from sevenn_mf.analysis.methods import (
+        MethodError,
+        read_method_input,
+        run_method,
+    )
+    from sevenn_mf.checkpoint import Checkpoint
+    from sevenn_mf.model import fidelity_parameter_names
+
+    path = _methods_yaml(
+        tmp_path, epochs=2, mf={'init': 'lf', 'freeze_shared': True}
+    )
+    mi = read_method_input(str(path))
+    res = run_method(
+        mi, 'mf', str(tmp_path / 'mf'), screen=False, shared_dir=str(tmp_path / 's')
+    )
+    cfg = {
+        s.name: torch.load(s.checkpoint, weights_only=False)['config']
+        for s in res.stages
+    }
+    assert cfg['mf'].get('freeze_shared') is True
+    assert not cfg['lf'].get('freeze_shared')
+    lf_sd = torch.load(res.stages[0].checkpoint, weights_only=False)[
+        'model_state_dict'
+    ]
+    mf_sd = torch.load(res.stages[1].checkpoint, weights_only=False)[
+        'model_state_dict'
+    ]
+    model = Checkpoint(res.stages[1].checkpoint).build_model()
+    fid = set(fidelity_parameter_names(model))
+    shared = [
+        k
+        for k in mf_sd
+        if k in lf_sd and k not in fid and mf_sd[k].shape == lf_sd[k].shape
+    ]
+    assert any('weight_nn' in k for k in shared)  # every convolution's radial net
+    for k in shared:
+        assert torch.equal(mf_sd[k], lf_sd[k]), k
+    # onehot layers: [shared input rows; one row per fidelity] flattened; the
+    # conversion to two fidelities rescales the shared rows by one factor (the
+    # fan-in normalisation), which they keep, while the PBE row trained on
+    mixed = [k for k in fid if k.endswith('linear.weight')]
+    assert mixed
+    moved = 0
+    for k in mixed:
+        out = mf_sd[k].numel() - lf_sd[k].numel()
+        n = lf_sd[k].numel() - out
+        ratio = mf_sd[k][:n] / lf_sd[k][:n]
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-5), k
+        moved += not torch.allclose(mf_sd[k][n : n + out], ratio[0] * lf_sd[k][n:])
+    assert moved
+
+    for bad, match in (
+        ({'freeze_shared': True}, 'needs train.mf.init: lf'),
+        ({'init': 'lf', 'freeze_shared': 'yes'}, 'must be true or false'),
+    ):
+        with pytest.raises(MethodError, match=match):
+            read_method_input(str(_methods_yaml(tmp_path, mf=bad)))
 
 
 def test_mf_from_lf_with_fidelity_radial_networks(tmp_path):

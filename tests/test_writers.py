@@ -14,6 +14,7 @@ The LAMMPS tests skip without a LAMMPS that has SevenNet's pair styles (build
 it with ``bash scripts/build_lammps.sh --both``).
 """
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -311,3 +312,31 @@ def test_deploy_sum_lammps(reference, cell, tmp_path):
     total = (sum(r[0] for r in refs), sum(r[1] for r in refs))
     got = _lammps(cell, pt, tmp_path)
     _assert_matches(got, total, len(cell[0]), 'deploy-sum')
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o077])
+def test_atomic_writes_get_the_mode_of_any_new_file(tmp_path, umask):
+    """Checkpoints, written databases and graph caches are written to a
+    private temporary file and renamed; the result must still have the mode
+    any file the user creates gets (readable by the group under umask 022),
+    or a colleague's LAMMPS run cannot read the model."""
+    import stat
+
+    from sevenn_mf.checkpoint import atomic_torch_save
+    from sevenn_mf.data.databases import write_extxyz
+    from sevenn_mf.data.graphs import _save_cache
+
+    old = os.umask(umask)
+    try:
+        atomic_torch_save({'x': torch.zeros(2)}, tmp_path / 'a.pth')
+        write_extxyz(
+            str(tmp_path / 'b.extxyz'), read(QUICKSTART_DATA / 'pbe.extxyz', ':2')
+        )
+        _save_cache(str(tmp_path / 'c.pt'), [])
+        (tmp_path / 'plain').write_text('x')
+    finally:
+        os.umask(old)
+    want = stat.S_IMODE((tmp_path / 'plain').stat().st_mode)
+    assert want == 0o666 & ~umask
+    for name in ('a.pth', 'b.extxyz', 'c.pt'):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == want, name

@@ -6,6 +6,13 @@ structure at two fidelities shares both), and checked to be the same
 structure (species, cell, positions). Model B learns HF - LF (energy, and
 forces where both fidelities have them; stress differences are not used).
 
+With ``train.delta.scale: fitted`` model B learns HF - a LF instead, ``a``
+fitted by least squares to the paired training labels (HF energy per atom
+against LF energy per atom, beyond what composition explains), and model A
+is replaced by a copy whose energy is a times A's (:func:`scaled_checkpoint`):
+a high fidelity that is uniformly stiffer than the low one is then not left
+to model B, which only sees the HF structures.
+
 The prediction at HF is A(LF) + B, available as
 
 * :class:`DeltaCalculator` - an ASE ``SumCalculator`` of the two
@@ -109,9 +116,11 @@ def _check_same_structure(hf, lf, tol: float) -> None:
         )
 
 
-def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
-    """HF - LF labels as ASE Atoms (energy; forces where both have them).
-    Structures with neither label are left out."""
+def difference_atoms(
+    pairs: Sequence[Tuple[Any, Any]], scale: float = 1.0
+) -> List[Any]:
+    """HF - scale x LF labels as ASE Atoms (energy; forces where both have
+    them). Structures with neither label are left out."""
     from ase import Atoms
     from ase.calculators.singlepoint import SinglePointCalculator
 
@@ -119,9 +128,9 @@ def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
     for hf, lf in pairs:
         results = {}
         if hf.present.get('energy') and lf.present.get('energy'):
-            results['energy'] = float(hf.energy - lf.energy)
+            results['energy'] = float(hf.energy - scale * lf.energy)
         if hf.present.get('force') and lf.present.get('force'):
-            results['forces'] = hf.forces - lf.forces
+            results['forces'] = hf.forces - scale * lf.forces
         if not results:
             continue
         src = hf.atoms
@@ -135,10 +144,12 @@ def difference_atoms(pairs: Sequence[Tuple[Any, Any]]) -> List[Any]:
     return out
 
 
-def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
+def delta_databases(
+    mi, lf_fidelity: str, out_dir: str, scale: float = 1.0
+) -> List[Dict[str, Any]]:
     """Database entries of model B: one per HF database, its structures with
-    HF - LF labels (written under ``out_dir``), weights and validation as the
-    HF database's."""
+    HF - scale x LF labels (written under ``out_dir``), weights and validation
+    as the HF database's."""
     from ..data.databases import parse_databases, read_frames, write_extxyz
 
     lf_frames = []
@@ -149,7 +160,7 @@ def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
     for db, spec in zip(mi.hf_databases, specs):
         pairs = pair_frames(read_frames(spec), lf_frames)
         path = os.path.join(out_dir, f'{spec.name}.extxyz')
-        diff = difference_atoms(pairs)
+        diff = difference_atoms(pairs, scale)
         if not diff:
             raise DeltaPairingError(
                 f"database '{spec.name}': no structure has a "
@@ -170,12 +181,74 @@ def delta_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:
             )[0]
             vpairs = pair_frames(read_frames(vspec), lf_frames)
             vpath = os.path.join(out_dir, f'{spec.name}_validation.extxyz')
-            write_extxyz(vpath, difference_atoms(vpairs))
+            write_extxyz(vpath, difference_atoms(vpairs, scale))
             entry['validation'] = {'files': [vpath]}
         elif val:
             entry['validation'] = dict(val)
         out.append(entry)
     return out
+
+
+def fit_delta_scale(mi) -> Tuple[float, float, int]:
+    """``train.delta.scale: fitted``: (a, its standard error, structures) of
+    the least-squares fit HF = a LF + element references, on the energy
+    pairs of each HF database's training part (its validation structures, as
+    the delta stage will split them, are left out)."""
+    from ..data.databases import parse_databases, read_frames
+    from ..data.graphs import split_validation
+    from ..data.references import fit_energy_scale
+
+    lf_frames = []
+    for f in mi.paired_files():
+        lf_frames += read_frames(f)
+    numbers, hf_e, lf_e = [], [], []
+    for spec in parse_databases(mi.hf_databases, mi.base_dir):
+        pairs = [
+            (hf, lf)
+            for hf, lf in pair_frames(read_frames(spec), lf_frames)
+            if hf.present.get('energy') and lf.present.get('energy')
+        ]
+        val = spec.validation or {}
+        if val.get('ratio'):
+            pairs, _ = split_validation(pairs, float(val['ratio']), int(val['seed']))
+        for hf, lf in pairs:
+            numbers.append(hf.numbers)
+            hf_e.append(hf.energy)
+            lf_e.append(lf.energy)
+    if len(numbers) < 3:
+        raise DeltaPairingError(
+            'train.delta.scale: fitted needs energies at both fidelities of at '
+            f'least 3 training structures (found {len(numbers)})'
+        )
+    try:
+        a, se = fit_energy_scale(numbers, hf_e, lf_e)
+    except ValueError:
+        raise DeltaPairingError(
+            'train.delta.scale: fitted: the LF energy per atom is the same for '
+            'every paired structure of a composition; no scale can be fitted'
+        ) from None
+    if not np.isfinite(a) or a <= 0:
+        raise DeltaPairingError(
+            f'train.delta.scale: fitted: the paired labels give a scale of {a:g}'
+        )
+    return a, se, len(numbers)
+
+
+def scaled_checkpoint(source: str, factor: float, output: str) -> str:
+    """A copy of checkpoint ``source`` whose energy is ``factor`` times its
+    own at every fidelity (forces and stress follow), written atomically to
+    ``output``; sevenn's loaders read it like any checkpoint."""
+    from ..checkpoint import Checkpoint, refuse_overwriting, save_checkpoint
+    from ..model import scale_energy
+
+    cp = Checkpoint(source)
+    refuse_overwriting(cp.path, output)
+    model = cp.build_model()
+    config = scale_energy(model, cp.config, factor)
+    save_checkpoint(
+        output, model, config, sevenn_mf={'energy_factor': float(factor)}
+    )
+    return output
 
 
 def paired_lf_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, Any]]:

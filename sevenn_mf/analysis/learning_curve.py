@@ -355,8 +355,10 @@ def lf_parts(run_dir: str, lf_fidelity: str):
     method = meta.get('method')
     if method == 'hf-only':
         return None
-    if method == 'delta':
-        return [parts[0]]
+    if method == 'delta':  # the LF stage's own model, not a scaled copy of it
+        d = run_dir if os.path.isdir(run_dir) else os.path.dirname(run_dir)
+        lf = next(st for st in meta['stages'] if st['name'] == 'lf')
+        return [(os.path.normpath(os.path.join(d, lf['checkpoint'])), parts[0][1])]
     return [(parts[0][0], lf_fidelity)]
 
 

@@ -21,7 +21,10 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     structures, whose LF labels come from ``train.delta.paired_files`` and
     are matched by ``atoms.info['set']`` and ``['index']``. Prediction at HF
     is A(LF) + B. Options in ``train.delta``: ``paired_files`` (required),
-    ``lf_fidelity``, ``lf_epochs``, ``delta_epochs``.
+    ``lf_fidelity``, ``lf_epochs``, ``delta_epochs``, ``scale`` (``fixed``,
+    the default, or ``fitted``: B learns HF - a LF and A is replaced by a
+    copy scaled by a, fitted to the paired training energies,
+    :func:`sevenn_mf.analysis.delta.fit_delta_scale`).
 ``mf``, ``mf-onehot``, ``mf-indexed``
     Every database together, one multi-fidelity model (``mf`` keeps the
     YAML's ``fidelity_layer_mode``), with the YAML's ``train.coupling``
@@ -40,6 +43,9 @@ fidelities. One fidelity is the HF one (``train.hf_fidelity``, default
     ``restarts`` (k: that stage k times with seeds ``random_seed`` + 1000 r,
     keeping the one whose heads fit the HF structures best,
     :mod:`sevenn_mf.analysis.restarts`),
+    ``freeze_shared`` (``true``, with ``init: lf``: that stage trains only
+    the fidelity-dependent weights and references, :func:`sevenn_mf.train.freeze_shared`;
+    the shared layers stay the LF model's),
     ``paired`` (``true``: the HF structures' LF labels from
     ``train.delta.paired_files`` join that stage as one more LF database,
     so the heads' gap is seen where both labels exist, not only through the
@@ -85,7 +91,13 @@ import numpy as np
 import yaml
 
 from ..config import DELTA_KEYS, METHOD_KEYS, MF_INITS, MF_KEYS, TRANSFER_KEYS
-from .delta import DELTA_FIDELITY, delta_databases, paired_lf_databases
+from .delta import (
+    DELTA_FIDELITY,
+    delta_databases,
+    fit_delta_scale,
+    paired_lf_databases,
+    scaled_checkpoint,
+)
 from .restarts import hf_frames_and_partners
 
 METHODS = (
@@ -252,6 +264,20 @@ def method_input_from_dict(
     if not isinstance(mf.get('paired', False), bool):
         raise MethodError(
             f'train.mf.paired must be true or false, got {mf["paired"]!r}'
+        )
+    if not isinstance(mf.get('freeze_shared', False), bool):
+        raise MethodError(
+            f'train.mf.freeze_shared must be true or false, got {mf["freeze_shared"]!r}'
+        )
+    if mf.get('freeze_shared') and mf.get('init', 'scratch') != 'lf':
+        raise MethodError(
+            'train.mf.freeze_shared: true needs train.mf.init: lf (the shared '
+            "weights it holds fixed are the LF model's; from scratch they would "
+            'stay random)'
+        )
+    if delta.get('scale', 'fixed') not in ('fixed', 'fitted'):
+        raise MethodError(
+            f'train.delta.scale must be fixed or fitted, got {delta["scale"]!r}'
         )
     k = mf.get('restarts', 1)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -813,6 +839,9 @@ def run_method(
             extra = from_lf(lf_model(mi.mf.get('lf_epochs', E)))
         if mi.mf.get('early_stopping'):
             extra = dict(extra or {}, early_stopping=mi.mf['early_stopping'])
+        if mi.mf.get('freeze_shared'):
+            # the MF stage alone: the LF stage it starts from trains everything
+            extra = dict(extra or {}, freeze_shared=True)
         databases = mi.databases
         if mi.mf.get('paired'):
             # the HF structures at LF too: where both labels exist the heads'
@@ -850,8 +879,21 @@ def run_method(
     elif method == 'delta':
         opt = mi.delta
         lf = _delta_lf_fidelity(mi)
-        lf_model(opt.get('lf_epochs', E))
-        dbs = delta_databases(mi, lf, os.path.join(working_dir, 'delta_data'))
+        base = lf_model(opt.get('lf_epochs', E))
+        factor = 1.0
+        if opt.get('scale', 'fixed') == 'fitted':
+            factor, se, count = fit_delta_scale(mi)
+            base = scaled_checkpoint(
+                base, factor, os.path.join(working_dir, 'lf_scaled.pth')
+            )
+            log(
+                f'[delta] energy scale fit: {hf} = x{factor:.4f} ± {se:.4f} '
+                f'{lf} (+ element references) on {count} training pairs; '
+                f'model A scaled to {base}'
+            )
+        dbs = delta_databases(
+            mi, lf, os.path.join(working_dir, 'delta_data'), scale=factor
+        )
         raw = stage_raw(
             mi,
             dbs,
@@ -860,7 +902,7 @@ def run_method(
             base_dir=mi.base_dir,
         )
         stages.append(stage('delta', raw))
-        parts = [(stages[0].checkpoint, lf), (stages[1].checkpoint, DELTA_FIDELITY)]
+        parts = [(base, lf), (stages[1].checkpoint, DELTA_FIDELITY)]
     else:  # pragma: no cover
         raise MethodError(method)
     result = MethodResult(method, hf, parts, stages, working_dir)

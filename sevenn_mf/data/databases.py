@@ -37,6 +37,7 @@ from ase.utils import string2index
 
 from .. import _sevenn as S
 from .._sevenn import KEY
+from .files import publish
 from .references import OUTLIER_FLOOR
 
 LABELS = ('energy', 'force', 'stress')
@@ -899,7 +900,7 @@ def write_extxyz(path: str, atoms_list: List[Atoms]) -> None:
         if os.path.isfile(path) and filecmp.cmp(path, tmp, shallow=False):
             os.unlink(tmp)
         else:
-            os.replace(tmp, path)
+            publish(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from .._sevenn import KEY
 from .databases import LABELS, DataError, Frame, file_digest
+from .files import publish
 
 # Bump when the graph layout or the cache file layout changes.
 CACHE_FORMAT_VERSION = 1
@@ -257,7 +258,7 @@ def _save_cache(path: str, graphs: List[Any]) -> None:
     try:
         with os.fdopen(fd, 'wb') as f:
             torch.save(_pack(graphs), f)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -92,6 +92,35 @@ def fit_reference_energies(
     return refs
 
 
+def fit_energy_scale(
+    numbers: Sequence[np.ndarray], y: Sequence[float], x: Sequence[float]
+) -> Tuple[float, float]:
+    """Least squares ``y_s / n_s = a * x_s / n_s + sum_Z (n_sZ / n_s) r_Z``
+    over structures ``s`` (atomic numbers ``numbers[s]``, total energies
+    ``y_s`` and ``x_s``): the slope ``a`` and its standard error. Only the part
+    of ``x`` and ``y`` per atom that composition cannot take determines ``a``;
+    the references ``r`` are left to the caller. ValueError if ``x`` per atom
+    has no such part."""
+    numbers = [np.asarray(z, int) for z in numbers]
+    n = np.array([len(z) for z in numbers], dtype=float)
+    species = sorted({int(e) for z in numbers for e in z})
+    comp = (
+        np.array([[np.sum(z == e) for e in species] for z in numbers]) / n[:, None]
+    )
+    y, x = np.asarray(y, float) / n, np.asarray(x, float) / n
+    u, sv, _ = np.linalg.svd(comp, full_matrices=False)
+    q = u[:, sv > 1e-10 * sv.max()]
+    rx, ry = x - q @ (q.T @ x), y - q @ (q.T @ y)
+    if float(rx @ rx) <= 1e-18:
+        raise ValueError(
+            'x per atom is the same for every structure of a composition'
+        )
+    a = float(rx @ ry / (rx @ rx))
+    dof = max(len(y) - q.shape[1] - 1, 1)  # the references' rank + the slope
+    se = float(np.sqrt(np.sum((ry - a * rx) ** 2) / dof / (rx @ rx)))
+    return a, se
+
+
 def _warn_undetermined(a: np.ndarray, rank: int, symbols: List[str]) -> None:
     # Elements with weight in the null space of the composition matrix are
     # those whose individual values the data cannot fix.
