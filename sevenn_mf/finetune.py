@@ -384,17 +384,11 @@ def fit_scale(
         species = sorted({int(x) for z in numbers for x in z})
         try:
             a, se = fit_energy_scale(numbers, label, pred - own)
-        except ValueError:
+        except ValueError as exc:
             raise ScaleFitError(
-                f'train.coupling.scale: fitted: the {fid!r} head predicts the same '
-                'energy per atom beyond its references for every training '
-                'structure of a composition; no scale can be fitted'
+                f'train.coupling.scale: fitted, the {fid!r} labels against the '
+                f'head at the start: {exc} (the head must start trained)'
             ) from None
-        if not np.isfinite(a) or a <= 0:
-            raise ScaleFitError(
-                f'train.coupling.scale: fitted: the {fid!r} labels give a scale of '
-                f'{a:g} against the head at the start; a trained start is needed'
-            )
         items = [
             SimpleNamespace(numbers=z, energy=e - a * (p - o), forces=None)
             for z, e, p, o in zip(numbers, label, pred, own)

@@ -392,6 +392,32 @@ def test_delta_with_a_fitted_scale(tmp_path, cell):
         read_method_input(str(bad))
 
 
+def test_fit_energy_scale_slope_and_refusals():
+    """The one least-squares routine behind both fitted scales: the slope
+    beyond composition (two compositions, each with its own references), its
+    standard error, and a clear refusal where there is no slope to fit or it
+    is not positive."""
+    from sevenn_mf.data.references import fit_energy_scale
+
+    rng = np.random.default_rng(0)
+    numbers = [np.array([7, 31] * 2), np.array([7, 49, 7, 31])] * 10
+    ref = {7: -1.0, 31: -3.0, 49: -2.0}
+    x = rng.normal(size=len(numbers)) * 4
+    e0 = np.array([sum(ref[z] for z in zz) for zz in numbers])
+    a, se = fit_energy_scale(numbers, 1.3 * x + e0, x)
+    assert a == pytest.approx(1.3, rel=1e-10) and se < 1e-8
+    noisy = 1.3 * x + e0 + rng.normal(size=len(x)) * 0.05
+    a, se = fit_energy_scale(numbers, noisy, x)
+    assert abs(a - 1.3) < 4 * se and 0 < se < 0.05
+    flat = np.array([len(zz) * (1.0 if 49 in zz else 2.0) for zz in numbers])
+    with pytest.raises(ValueError, match='no scale can be fitted'):
+        fit_energy_scale(
+            numbers, 1.3 * x, flat
+        )  # per atom: one value per composition
+    with pytest.raises(ValueError, match='not a positive number'):
+        fit_energy_scale(numbers, -x + e0, x)
+
+
 def test_learning_curve_resumable(tmp_path):
     from sevenn_mf.analysis.learning_curve import RESULTS, run_learning_curve
 

@@ -222,15 +222,10 @@ def fit_delta_scale(mi) -> Tuple[float, float, int]:
         )
     try:
         a, se = fit_energy_scale(numbers, hf_e, lf_e)
-    except ValueError:
+    except ValueError as exc:
         raise DeltaPairingError(
-            'train.delta.scale: fitted: the LF energy per atom is the same for '
-            'every paired structure of a composition; no scale can be fitted'
+            f'train.delta.scale: fitted, HF against the paired LF energies: {exc}'
         ) from None
-    if not np.isfinite(a) or a <= 0:
-        raise DeltaPairingError(
-            f'train.delta.scale: fitted: the paired labels give a scale of {a:g}'
-        )
     return a, se, len(numbers)
 
 

@@ -100,7 +100,7 @@ def fit_energy_scale(
     ``y_s`` and ``x_s``): the slope ``a`` and its standard error. Only the part
     of ``x`` and ``y`` per atom that composition cannot take determines ``a``;
     the references ``r`` are left to the caller. ValueError if ``x`` per atom
-    has no such part."""
+    has no such part or the slope is not positive."""
     numbers = [np.asarray(z, int) for z in numbers]
     n = np.array([len(z) for z in numbers], dtype=float)
     species = sorted({int(e) for z in numbers for e in z})
@@ -113,9 +113,12 @@ def fit_energy_scale(
     rx, ry = x - q @ (q.T @ x), y - q @ (q.T @ y)
     if float(rx @ rx) <= 1e-18:
         raise ValueError(
-            'x per atom is the same for every structure of a composition'
+            'the energy per atom it scales is the same for every structure of a '
+            'composition; no scale can be fitted'
         )
     a = float(rx @ ry / (rx @ rx))
+    if not np.isfinite(a) or a <= 0:
+        raise ValueError(f'the least-squares scale is {a:g}, not a positive number')
     dof = max(len(y) - q.shape[1] - 1, 1)  # the references' rank + the slope
     se = float(np.sqrt(np.sum((ry - a * rx) ** 2) / dof / (rx @ rx)))
     return a, se
