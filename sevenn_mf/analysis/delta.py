@@ -290,7 +290,8 @@ def paired_lf_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, An
 
 # ---- ASE -------------------------------------------------------------------------
 class DeltaCalculator(SumCalculator):
-    """HF = LF model at its fidelity + Delta model (an ASE SumCalculator).
+    """HF = LF model at its fidelity + Delta model (an ASE SumCalculator; with
+    ``train.delta.scale: fitted`` the run's LF part is the scaled copy).
 
     ``DeltaCalculator(base_ckpt, base_fidelity, delta_ckpt,
     delta_fidelity='delta')``, or ``DeltaCalculator.from_run(run_dir)`` for the
