@@ -61,7 +61,7 @@ from torch_geometric.loader import DataLoader
 from . import _sevenn as S
 from ._sevenn import CONST, KEY
 from .convert import convert
-from .data.references import fit_energy_scale, fit_reference_energies
+from .data.references import fit_energy_scale, fit_reference_energies, scale_reach
 from .model import (
     build_model,
     fidelity_layers,
@@ -351,6 +351,7 @@ def fit_scale(
     fidelities: List[str],
     log: Callable[[str], None] = print,
     max_structures: int = 400,
+    anchor: Optional[str] = None,
 ) -> Dict[str, Any]:
     """``train.coupling.scale: fitted``: give each of ``fidelities`` its own
     energy scale and refit its element references, both by least squares to
@@ -362,11 +363,33 @@ def fit_scale(
     references; ``a`` multiplies the head's scale, ``r`` replaces its
     references. Meant for a head that starts as a trained head's copy
     (``pretrained_add`` / ``train.mf.init: lf``): ``a`` is then how much
-    stiffer the labels' energy surface is than that head's."""
+    stiffer the labels' energy surface is than that head's. With ``anchor``
+    the log also says how far the anchor's training energies reach beyond
+    the fitted structures, and what the scale's standard error means there
+    (:func:`sevenn_mf.data.references.scale_reach`)."""
     config = per_fidelity_scale(model, config)
     rescale = model._modules['rescale_atomic_energy']
     type_map = config[KEY.TYPE_MAP]
     batch = int(config.get(KEY.BATCH_SIZE, 8))
+
+    def own_energy(fid: str, numbers) -> np.ndarray:
+        """Each structure's sum of the ``fid`` head's element references."""
+        shift = rescale.shift[config[KEY.MODAL_MAP][fid]].detach().double().cpu()
+        shift = shift.numpy()
+        return np.array(
+            [shift[[type_map[int(x)] for x in z]].sum() for z in numbers]
+        )
+
+    pool = _training_energy_graphs(data, anchor, max_structures) if anchor else []
+    # the anchor's labels beyond its references: the zero of the head's net
+    # energy at the start, which is the anchor head's copy
+    pool_numbers = [g[KEY.ATOMIC_NUMBERS].cpu().numpy().astype(int) for g in pool]
+    pool_net = (
+        np.array([float(g[KEY.ENERGY]) for g in pool])
+        - own_energy(anchor, pool_numbers)
+        if pool
+        else None
+    )
     for fid in fidelities:
         f = config[KEY.MODAL_MAP][fid]
         graphs = _training_energy_graphs(data, fid, max_structures)
@@ -376,10 +399,9 @@ def fit_scale(
                 f'(found {len(graphs)} training structures with one)'
             )
         pred = predict_energies(model, graphs, batch)
-        shift = rescale.shift[f].detach().double().cpu().numpy()
         numbers = [g[KEY.ATOMIC_NUMBERS].cpu().numpy().astype(int) for g in graphs]
         n = np.array([len(z) for z in numbers], dtype=float)
-        own = np.array([shift[[type_map[int(x)] for x in z]].sum() for z in numbers])
+        own = own_energy(fid, numbers)
         label = np.array([float(g[KEY.ENERGY]) for g in graphs])
         species = sorted({int(x) for z in numbers for x in z})
         try:
@@ -401,11 +423,19 @@ def fit_scale(
         # the references is scaled by a, and the references are the new ones
         new_own = [sum(refs[chemical_symbols[int(x)]] for x in z) for z in numbers]
         after = a * (pred - own) + np.array(new_own)
+        reach = ''
+        if pool_net is not None and len(pool_net):
+            r = scale_reach(numbers, pred - own, pool_numbers, pool_net)
+            reach = (
+                f'; the {anchor} training structures reach {1000 * r:.0f} '
+                'meV/atom beyond these (95th percentile), where ± one standard '
+                f'error moves a prediction by ± {1000 * se * r:.1f} meV/atom'
+            )
         log(
             f'energy scale fit ({fid}): x{a:.4f} ± {se:.4f} of the head at the '
             f'start, with its references, on {len(graphs)} structures; energy '
             f'MAE {1000 * np.mean(np.abs(label - pred) / n):.2f} -> '
-            f'{1000 * np.mean(np.abs(label - after) / n):.2f} meV/atom'
+            f'{1000 * np.mean(np.abs(label - after) / n):.2f} meV/atom{reach}'
         )
     _shift_to_config(model, config)
     return per_fidelity_scale(model, config)

@@ -695,7 +695,12 @@ def train(
             logger.writeline(f'frozen shared parameters: {len(frozen)} tensors')
         if couple is not None and couple.fitted_scale:
             config = finetune.fit_scale(
-                model, config, data, couple.fidelities, log=logger.writeline
+                model,
+                config,
+                data,
+                couple.fidelities,
+                log=logger.writeline,
+                anchor=couple.anchor,
             )
         if couple is not None and (inert := inert_warning(couple, model)):
             warnings.warn(inert, CouplingWarning, stacklevel=1)

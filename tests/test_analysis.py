@@ -341,10 +341,11 @@ def test_delta_with_a_fitted_scale(tmp_path, cell):
     write(tmp_path / 'r2scan_at_pbe.extxyz', paired)
     mi = read_method_input(str(path))
 
-    a, se, count = fit_delta_scale(mi)
-    assert count == len(r2) - len(held_idx)
-    assert a == pytest.approx(1.25, rel=1e-9)
-    assert se < 1e-6
+    fit = fit_delta_scale(mi, 'pbe')
+    assert fit.structures == len(r2) - len(held_idx)
+    assert fit.a == pytest.approx(1.25, rel=1e-9)
+    assert fit.se < 1e-6
+    assert fit.reach > 0  # the PBE pool's energies spread beyond the pairs'
 
     logs = []
     wd = tmp_path / 'delta'
@@ -397,7 +398,7 @@ def test_fit_energy_scale_slope_and_refusals():
     beyond composition (two compositions, each with its own references), its
     standard error, and a clear refusal where there is no slope to fit or it
     is not positive."""
-    from sevenn_mf.data.references import fit_energy_scale
+    from sevenn_mf.data.references import fit_energy_scale, scale_reach
 
     rng = np.random.default_rng(0)
     numbers = [np.array([7, 31] * 2), np.array([7, 49, 7, 31])] * 10
@@ -416,6 +417,21 @@ def test_fit_energy_scale_slope_and_refusals():
         )  # per atom: one value per composition
     with pytest.raises(ValueError, match='not a positive number'):
         fit_energy_scale(numbers, -x + e0, x)
+
+    # how far a pool reaches beyond the fitted structures: with distortions
+    # symmetric within each composition the pool's references are exact, so
+    # the reach is the percentile of |distortion - the fitted ones' mean|
+    d = np.linspace(-0.2, 0.2, 41)
+    pool = [np.array([7, 31] * 2), np.array([7, 49, 7, 31])]
+    pool_numbers = [z for z in pool for _ in d]
+    pool_x = [len(z) * e for z in pool for e in d] + np.array(
+        [sum(ref[e] for e in z) for z in pool_numbers]
+    )
+    fit_e = np.array([0.01, 0.03])
+    fit_x = [4 * e + sum(ref[k] for k in z) for z, e in zip(pool, fit_e)]
+    want = np.percentile(np.abs(np.concatenate([d, d]) - fit_e.mean()), 95)
+    got = scale_reach(pool, fit_x, pool_numbers, pool_x)
+    assert got == pytest.approx(want, abs=1e-10)
 
 
 def test_learning_curve_resumable(tmp_path):

@@ -188,6 +188,7 @@ def test_fitted_scale_lets_a_uniformly_stiffer_head_go_free(mode, lf_graphs):
 def test_fit_scale_recovers_a_known_stiffening_and_references():
     from types import SimpleNamespace
 
+    from sevenn_mf.data.references import scale_reach
     from sevenn_mf.finetune import fit_scale, predict_energies
 
     cfg = small_config('onehot')
@@ -206,11 +207,41 @@ def test_fit_scale_recovers_a_known_stiffening_and_references():
         z = g[KEY.ATOMIC_NUMBERS].tolist()
         own = sum(float(shift[cfg[KEY.TYPE_MAP][x]]) for x in z)
         g[KEY.ENERGY] = torch.tensor(1.25 * (p - own) + sum(new_ref[x] for x in z))
+    # the anchor's training structures, labelled by the anchor head: how far
+    # they reach beyond the fitted ones is measured on the head's own zero
+    pool = build_graphs(frames[12:], 4.5, ANCHOR, 1.0)
+    for g, p in zip(pool, predict_energies(model, pool)):
+        g[KEY.ENERGY] = torch.tensor(float(p))
     data = SimpleNamespace(
-        databases=[SimpleNamespace(spec=SimpleNamespace(fidelity=HF), train=graphs)]
+        databases=[
+            SimpleNamespace(spec=SimpleNamespace(fidelity=HF), train=graphs),
+            SimpleNamespace(spec=SimpleNamespace(fidelity=ANCHOR), train=pool),
+        ]
     )
     lines = []
-    cfg = fit_scale(model, cfg, data, [HF], log=lines.append)
+    start_pred = predict_energies(model, graphs)
+    a_shift = model.rescale_atomic_energy.shift[1 - f].detach().double()
+    own = {
+        name: [
+            sum(
+                float(sh[cfg[KEY.TYPE_MAP][x]])
+                for x in g[KEY.ATOMIC_NUMBERS].tolist()
+            )
+            for g in gs
+        ]
+        for name, sh, gs in (('fit', shift, graphs), ('pool', a_shift, pool))
+    }
+    want = scale_reach(
+        [g[KEY.ATOMIC_NUMBERS].numpy() for g in graphs],
+        start_pred - np.array(own['fit']),
+        [g[KEY.ATOMIC_NUMBERS].numpy() for g in pool],
+        np.array([float(g[KEY.ENERGY]) for g in pool]) - np.array(own['pool']),
+    )
+    cfg = fit_scale(model, cfg, data, [HF], log=lines.append, anchor=ANCHOR)
+    assert (
+        f'the {ANCHOR} training structures reach {1000 * want:.0f} meV/atom'
+        in (lines[0])
+    )
     scale = model.rescale_atomic_energy.scale.detach()
     assert float(scale[f, 0] / scale[1 - f, 0]) == pytest.approx(1.25, rel=1e-4)
     assert torch.allclose(scale[f], scale[f, :1].expand_as(scale[f]))

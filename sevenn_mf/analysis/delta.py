@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -189,14 +189,31 @@ def delta_databases(
     return out
 
 
-def fit_delta_scale(mi) -> Tuple[float, float, int]:
-    """``train.delta.scale: fitted``: (a, its standard error, structures) of
-    the least-squares fit HF = a LF + element references, on the energy
-    pairs of each HF database's training part (its validation structures, as
-    the delta stage will split them, are left out)."""
+class DeltaScale(NamedTuple):
+    a: float  # HF = a LF + element references
+    se: float  # its standard error
+    structures: int  # training pairs fitted
+    reach: float  # eV/atom: how far the LF pool reaches beyond them (95 %)
+
+    def describe(self, hf: str, lf: str) -> str:
+        return (
+            f'{hf} = x{self.a:.4f} ± {self.se:.4f} {lf} (+ element references) '
+            f'on {self.structures} training pairs; the {lf} pool reaches '
+            f'{1000 * self.reach:.0f} meV/atom beyond them (95th percentile), '
+            f'where ± one standard error moves a prediction by '
+            f'± {1000 * self.se * self.reach:.1f} meV/atom'
+        )
+
+
+def fit_delta_scale(mi, lf_fidelity: str) -> DeltaScale:
+    """``train.delta.scale: fitted``: the least-squares fit HF = a LF +
+    element references on the energy pairs of each HF database's training
+    part (its validation structures, as the delta stage will split them, are
+    left out), and how far the ``lf_fidelity`` databases' energies reach
+    beyond those pairs (:func:`sevenn_mf.data.references.scale_reach`)."""
     from ..data.databases import parse_databases, read_frames
     from ..data.graphs import split_validation
-    from ..data.references import fit_energy_scale
+    from ..data.references import fit_energy_scale, scale_reach
 
     lf_frames = []
     for f in mi.paired_files():
@@ -226,7 +243,21 @@ def fit_delta_scale(mi) -> Tuple[float, float, int]:
         raise DeltaPairingError(
             f'train.delta.scale: fitted, HF against the paired LF energies: {exc}'
         ) from None
-    return a, se, len(numbers)
+    pool = [
+        fr
+        for db in mi.lf_databases
+        if db.get('fidelity') == lf_fidelity
+        for fr in read_frames(parse_databases([db], mi.base_dir)[0])
+        if fr.present.get('energy')
+    ]
+    reach = (
+        scale_reach(
+            numbers, lf_e, [fr.numbers for fr in pool], [fr.energy for fr in pool]
+        )
+        if pool
+        else 0.0
+    )
+    return DeltaScale(a, se, len(numbers), reach)
 
 
 def scaled_checkpoint(source: str, factor: float, output: str) -> str:

@@ -882,14 +882,14 @@ def run_method(
         base = lf_model(opt.get('lf_epochs', E))
         factor = 1.0
         if opt.get('scale', 'fixed') == 'fitted':
-            factor, se, count = fit_delta_scale(mi)
+            fit = fit_delta_scale(mi, lf)
+            factor = fit.a
             base = scaled_checkpoint(
                 base, factor, os.path.join(working_dir, 'lf_scaled.pth')
             )
             log(
-                f'[delta] energy scale fit: {hf} = x{factor:.4f} ± {se:.4f} '
-                f'{lf} (+ element references) on {count} training pairs; '
-                f'model A scaled to {base}'
+                f'[delta] energy scale fit: {fit.describe(hf, lf)}; model A '
+                f'scaled to {base}'
             )
         dbs = delta_databases(
             mi, lf, os.path.join(working_dir, 'delta_data'), scale=factor

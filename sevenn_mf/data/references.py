@@ -124,6 +124,35 @@ def fit_energy_scale(
     return a, se
 
 
+def scale_reach(
+    fit_numbers: Sequence[np.ndarray],
+    fit_x: Sequence[float],
+    pool_numbers: Sequence[np.ndarray],
+    pool_x: Sequence[float],
+    percentile: float = 95.0,
+) -> float:
+    """How far (per atom) the energies ``pool_x`` of a pool reach beyond the
+    structures a scale was fitted on (``fit_x``, on the same energy zero):
+    the ``percentile`` of |pool - mean of the fit structures| once each
+    structure's composition part (element references least-squares fitted on
+    the pool) is taken out. A scale's standard error times this is how much
+    it moves a prediction that far out."""
+    pool_numbers = [np.asarray(z, int) for z in pool_numbers]
+    fit_numbers = [np.asarray(z, int) for z in fit_numbers]
+    species = sorted({int(e) for z in pool_numbers + fit_numbers for e in z})
+
+    def per_atom(numbers, x):
+        n = np.array([len(z) for z in numbers], dtype=float)
+        comp = np.array([[np.sum(z == e) for e in species] for z in numbers])
+        return comp / n[:, None], np.asarray(x, float) / n
+
+    cp, xp = per_atom(pool_numbers, pool_x)
+    cf, xf = per_atom(fit_numbers, fit_x)
+    refs = np.linalg.lstsq(cp, xp, rcond=None)[0]
+    rp, rf = xp - cp @ refs, xf - cf @ refs
+    return float(np.percentile(np.abs(rp - rf.mean()), percentile))
+
+
 def _warn_undetermined(a: np.ndarray, rank: int, symbols: List[str]) -> None:
     # Elements with weight in the null space of the composition matrix are
     # those whose individual values the data cannot fix.
