@@ -339,6 +339,12 @@ def test_delta_with_a_fitted_scale(tmp_path, cell):
             forces=a.get_forces() / 1.25,
         )
     write(tmp_path / 'r2scan_at_pbe.extxyz', paired)
+    # a first HF structure with forces only: model B's database still holds
+    # it, so the fit must split the same list (by energy pairs alone the
+    # split would hold out other structures and fit a corrupted one)
+    assert 0 in held_idx
+    r2[0].calc = SinglePointCalculator(r2[0], forces=r2[0].get_forces())
+    write(tmp_path / 'r2scan.extxyz', r2)
     mi = read_method_input(str(path))
 
     fit = fit_delta_scale(mi, 'pbe')

@@ -116,6 +116,29 @@ def _check_same_structure(hf, lf, tol: float) -> None:
         )
 
 
+def _both(hf, lf, label: str) -> bool:
+    return bool(hf.present.get(label) and lf.present.get(label))
+
+
+def _paired_lf_frames(mi) -> List[Any]:
+    from ..data.databases import read_frames
+
+    return [fr for f in mi.paired_files() for fr in read_frames(f)]
+
+
+def hf_pairs(mi) -> Tuple[List[Any], List[Tuple[Dict[str, Any], Any, List[Any]]]]:
+    """The paired files' frames, and for each HF database its entry, spec and
+    (hf, lf) pairs: read once for both the scale fit and model B's data."""
+    from ..data.databases import parse_databases, read_frames
+
+    lf_frames = _paired_lf_frames(mi)
+    specs = parse_databases(mi.hf_databases, mi.base_dir)
+    return lf_frames, [
+        (db, spec, pair_frames(read_frames(spec), lf_frames))
+        for db, spec in zip(mi.hf_databases, specs)
+    ]
+
+
 def difference_atoms(
     pairs: Sequence[Tuple[Any, Any]], scale: float = 1.0
 ) -> List[Any]:
@@ -127,9 +150,9 @@ def difference_atoms(
     out = []
     for hf, lf in pairs:
         results = {}
-        if hf.present.get('energy') and lf.present.get('energy'):
+        if _both(hf, lf, 'energy'):
             results['energy'] = float(hf.energy - scale * lf.energy)
-        if hf.present.get('force') and lf.present.get('force'):
+        if _both(hf, lf, 'force'):
             results['forces'] = hf.forces - scale * lf.forces
         if not results:
             continue
@@ -145,20 +168,17 @@ def difference_atoms(
 
 
 def delta_databases(
-    mi, lf_fidelity: str, out_dir: str, scale: float = 1.0
+    mi, lf_fidelity: str, out_dir: str, scale: float = 1.0, paired=None
 ) -> List[Dict[str, Any]]:
     """Database entries of model B: one per HF database, its structures with
     HF - scale x LF labels (written under ``out_dir``), weights and validation
-    as the HF database's."""
+    as the HF database's. ``paired``: :func:`hf_pairs` of ``mi``, if read
+    already."""
     from ..data.databases import parse_databases, read_frames, write_extxyz
 
-    lf_frames = []
-    for f in mi.paired_files():
-        lf_frames += read_frames(f)
+    lf_frames, dbs = paired or hf_pairs(mi)
     out = []
-    specs = parse_databases(mi.hf_databases, mi.base_dir)
-    for db, spec in zip(mi.hf_databases, specs):
-        pairs = pair_frames(read_frames(spec), lf_frames)
+    for db, spec, pairs in dbs:
         path = os.path.join(out_dir, f'{spec.name}.extxyz')
         diff = difference_atoms(pairs, scale)
         if not diff:
@@ -196,39 +216,37 @@ class DeltaScale(NamedTuple):
     reach: float  # eV/atom: how far the LF pool reaches beyond them (95 %)
 
     def describe(self, hf: str, lf: str) -> str:
+        from ..data.references import reach_note
+
         return (
             f'{hf} = x{self.a:.4f} ± {self.se:.4f} {lf} (+ element references) '
             f'on {self.structures} training pairs; the {lf} pool reaches '
-            f'{1000 * self.reach:.0f} meV/atom beyond them (95th percentile), '
-            f'where ± one standard error moves a prediction by '
-            f'± {1000 * self.se * self.reach:.1f} meV/atom'
+            + reach_note(self.se, self.reach)
         )
 
 
-def fit_delta_scale(mi, lf_fidelity: str) -> DeltaScale:
+def fit_delta_scale(mi, lf_fidelity: str, paired=None) -> DeltaScale:
     """``train.delta.scale: fitted``: the least-squares fit HF = a LF +
     element references on the energy pairs of each HF database's training
     part (its validation structures, as the delta stage will split them, are
     left out), and how far the ``lf_fidelity`` databases' energies reach
-    beyond those pairs (:func:`sevenn_mf.data.references.scale_reach`)."""
+    beyond those pairs (:func:`sevenn_mf.data.references.scale_reach`).
+    ``paired``: :func:`hf_pairs` of ``mi``, if read already."""
     from ..data.databases import parse_databases, read_frames
     from ..data.graphs import split_validation
     from ..data.references import fit_energy_scale, scale_reach
 
-    lf_frames = []
-    for f in mi.paired_files():
-        lf_frames += read_frames(f)
     numbers, hf_e, lf_e = [], [], []
-    for spec in parse_databases(mi.hf_databases, mi.base_dir):
-        pairs = [
-            (hf, lf)
-            for hf, lf in pair_frames(read_frames(spec), lf_frames)
-            if hf.present.get('energy') and lf.present.get('energy')
-        ]
+    for _, spec, pairs in (paired or hf_pairs(mi))[1]:
+        # the structures model B's database holds, in its order, so that the
+        # ratio split below is the delta stage's
+        pairs = [p for p in pairs if _both(*p, 'energy') or _both(*p, 'force')]
         val = spec.validation or {}
         if val.get('ratio'):
             pairs, _ = split_validation(pairs, float(val['ratio']), int(val['seed']))
         for hf, lf in pairs:
+            if not _both(hf, lf, 'energy'):
+                continue
             numbers.append(hf.numbers)
             hf_e.append(hf.energy)
             lf_e.append(lf.energy)
@@ -288,9 +306,7 @@ def paired_lf_databases(mi, lf_fidelity: str, out_dir: str) -> List[Dict[str, An
 
     from ..data.databases import parse_databases, read_frames, write_extxyz
 
-    lf_frames = []
-    for f in mi.paired_files():
-        lf_frames += read_frames(f)
+    lf_frames = _paired_lf_frames(mi)
     sources: Dict[str, List[Any]] = {}
     out = []
     for db in mi.hf_databases:

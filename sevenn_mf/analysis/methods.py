@@ -95,6 +95,7 @@ from .delta import (
     DELTA_FIDELITY,
     delta_databases,
     fit_delta_scale,
+    hf_pairs,
     paired_lf_databases,
     scaled_checkpoint,
 )
@@ -881,8 +882,9 @@ def run_method(
         lf = _delta_lf_fidelity(mi)
         base = lf_model(opt.get('lf_epochs', E))
         factor = 1.0
+        paired = hf_pairs(mi)
         if opt.get('scale', 'fixed') == 'fitted':
-            fit = fit_delta_scale(mi, lf)
+            fit = fit_delta_scale(mi, lf, paired)
             factor = fit.a
             base = scaled_checkpoint(
                 base, factor, os.path.join(working_dir, 'lf_scaled.pth')
@@ -892,7 +894,7 @@ def run_method(
                 f'scaled to {base}'
             )
         dbs = delta_databases(
-            mi, lf, os.path.join(working_dir, 'delta_data'), scale=factor
+            mi, lf, os.path.join(working_dir, 'delta_data'), factor, paired
         )
         raw = stage_raw(
             mi,
