@@ -61,7 +61,12 @@ from torch_geometric.loader import DataLoader
 from . import _sevenn as S
 from ._sevenn import CONST, KEY
 from .convert import convert
-from .data.references import fit_energy_scale, fit_reference_energies, scale_reach
+from .data.references import (
+    fit_energy_scale,
+    fit_reference_energies,
+    reach_note,
+    scale_reach,
+)
 from .model import (
     build_model,
     fidelity_layers,
@@ -424,13 +429,9 @@ def fit_scale(
         new_own = [sum(refs[chemical_symbols[int(x)]] for x in z) for z in numbers]
         after = a * (pred - own) + np.array(new_own)
         reach = ''
-        if pool_net is not None and len(pool_net):
+        if pool_net is not None:
             r = scale_reach(numbers, pred - own, pool_numbers, pool_net)
-            reach = (
-                f'; the {anchor} training structures reach {1000 * r:.0f} '
-                'meV/atom beyond these (95th percentile), where ± one standard '
-                f'error moves a prediction by ± {1000 * se * r:.1f} meV/atom'
-            )
+            reach = f'; the {anchor} training structures reach ' + reach_note(se, r)
         log(
             f'energy scale fit ({fid}): x{a:.4f} ± {se:.4f} of the head at the '
             f'start, with its references, on {len(graphs)} structures; energy '

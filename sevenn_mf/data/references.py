@@ -92,6 +92,17 @@ def fit_reference_energies(
     return refs
 
 
+def _fractions(numbers, species=None):
+    """(element fractions per structure, atom counts); columns ``species``
+    (default: the elements present, sorted)."""
+    numbers = [np.asarray(z, int) for z in numbers]
+    if species is None:
+        species = sorted({int(e) for z in numbers for e in z})
+    n = np.array([len(z) for z in numbers], dtype=float)
+    counts = np.array([[np.sum(z == e) for e in species] for z in numbers])
+    return counts / n[:, None], n
+
+
 def fit_energy_scale(
     numbers: Sequence[np.ndarray], y: Sequence[float], x: Sequence[float]
 ) -> Tuple[float, float]:
@@ -101,12 +112,7 @@ def fit_energy_scale(
     of ``x`` and ``y`` per atom that composition cannot take determines ``a``;
     the references ``r`` are left to the caller. ValueError if ``x`` per atom
     has no such part or the slope is not positive."""
-    numbers = [np.asarray(z, int) for z in numbers]
-    n = np.array([len(z) for z in numbers], dtype=float)
-    species = sorted({int(e) for z in numbers for e in z})
-    comp = (
-        np.array([[np.sum(z == e) for e in species] for z in numbers]) / n[:, None]
-    )
+    comp, n = _fractions(numbers)
     y, x = np.asarray(y, float) / n, np.asarray(x, float) / n
     u, sv, _ = np.linalg.svd(comp, full_matrices=False)
     q = u[:, sv > 1e-10 * sv.max()]
@@ -137,20 +143,24 @@ def scale_reach(
     structure's composition part (element references least-squares fitted on
     the pool) is taken out. A scale's standard error times this is how much
     it moves a prediction that far out."""
-    pool_numbers = [np.asarray(z, int) for z in pool_numbers]
-    fit_numbers = [np.asarray(z, int) for z in fit_numbers]
-    species = sorted({int(e) for z in pool_numbers + fit_numbers for e in z})
-
-    def per_atom(numbers, x):
-        n = np.array([len(z) for z in numbers], dtype=float)
-        comp = np.array([[np.sum(z == e) for e in species] for z in numbers])
-        return comp / n[:, None], np.asarray(x, float) / n
-
-    cp, xp = per_atom(pool_numbers, pool_x)
-    cf, xf = per_atom(fit_numbers, fit_x)
+    species = sorted(
+        {int(e) for z in list(pool_numbers) + list(fit_numbers) for e in z}
+    )
+    cp, n_pool = _fractions(pool_numbers, species)
+    cf, n_fit = _fractions(fit_numbers, species)
+    xp, xf = np.asarray(pool_x, float) / n_pool, np.asarray(fit_x, float) / n_fit
     refs = np.linalg.lstsq(cp, xp, rcond=None)[0]
     rp, rf = xp - cp @ refs, xf - cf @ refs
     return float(np.percentile(np.abs(rp - rf.mean()), percentile))
+
+
+def reach_note(se: float, reach: float) -> str:
+    """The log's words for :func:`scale_reach`: ``reach`` (eV/atom) and what
+    a scale's standard error ``se`` moves a prediction by there."""
+    return (
+        f'{1000 * reach:.0f} meV/atom beyond them (95th percentile), where ± one '
+        f'standard error moves a prediction by ± {1000 * se * reach:.1f} meV/atom'
+    )
 
 
 def _warn_undetermined(a: np.ndarray, rank: int, symbols: List[str]) -> None:
