@@ -327,12 +327,17 @@ def fit_references(
         )
         delta = fit_reference_energies(items, present)
         _add_to_shift(model, config, fid, delta)
-        before = np.abs(np.array([it.energy for it in items]) / n_atoms)
-        after = predict_energies(model, graphs, int(config.get(KEY.BATCH_SIZE, 8)))
-        err = (
-            np.abs(np.array([float(g[KEY.ENERGY]) for g in graphs]) - after)
-            / n_atoms
+        residual = np.array([it.energy for it in items])
+        # the shift adds delta[el] per atom, so the refit's error needs no
+        # second pass through the model
+        moved = np.array(
+            [
+                sum(delta.get(chemical_symbols[int(z)], 0.0) for z in it.numbers)
+                for it in items
+            ]
         )
+        before = np.abs(residual) / n_atoms
+        err = np.abs(residual - moved) / n_atoms
         log(
             f'reference fit ({fid}) to the pretrained predictions on {len(graphs)} '
             'structures: '

@@ -6,6 +6,7 @@ wheel against sevenn's own calculator; training checks use small models.
 
 import copy
 import os
+import re
 
 import numpy as np
 import pytest
@@ -299,9 +300,15 @@ def test_new_fidelity_starts_from_pbe_and_fits_references(small_plain):
     from sevenn_mf.finetune import predict_energies
 
     mae0 = np.mean(np.abs(labels - predict_energies(model, graphs)) / n)
-    fit_references(model, cfg, data, ['r2scan'], log=lambda s: None)
+    lines = []
+    fit_references(model, cfg, data, ['r2scan'], log=lines.append)
     mae1 = np.mean(np.abs(labels - predict_energies(model, graphs)) / n)
     assert mae1 < 0.2 * mae0, (mae0, mae1)
+    # the logged errors (derived from the fit, not predicted again) are the
+    # model's before and after
+    logged = re.search(r'energy MAE ([\d.]+) -> ([\d.]+) meV/atom', lines[-1])
+    assert float(logged.group(1)) == pytest.approx(1000 * mae0, abs=0.051)
+    assert float(logged.group(2)) == pytest.approx(1000 * mae1, abs=0.051)
     assert cfg[KEY.SHIFT]['r2scan'] != cfg[KEY.SHIFT]['pbe']
     for a, (e0, _, _), (_, fr, _) in zip(frames, before['pbe'], before['r2scan']):
         e, f, _ = calc_results(model, a, 'r2scan')
