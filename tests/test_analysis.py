@@ -440,6 +440,33 @@ def test_fit_energy_scale_slope_and_refusals():
     assert got == pytest.approx(want, abs=1e-10)
 
 
+@pytest.mark.parametrize(
+    'low,high,scale', [(1.2, 1.8, 'linear'), (6.0, 90.0, 'log')]
+)
+def test_learning_curve_error_axis_has_labelled_ticks(low, high, scale):
+    """A narrow range of errors goes on a linear axis (a log axis over 1.2-1.8
+    has no labelled tick); a wide one stays logarithmic; both show numbers."""
+    import matplotlib
+
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    from sevenn_mf.analysis.learning_curve import readable_error_axis
+
+    fig, ax = plt.subplots()
+    ax.plot([30, 100], [high, low])
+    readable_error_axis(ax)
+    fig.canvas.draw()
+    labels = [
+        t.get_text()
+        for t in ax.yaxis.get_ticklabels(which='both')
+        if t.get_text() and low <= t.get_position()[1] <= high
+    ]
+    plt.close(fig)
+    assert ax.get_yscale() == scale
+    assert len(labels) >= 2, labels
+
+
 def test_learning_curve_resumable(tmp_path):
     from sevenn_mf.analysis.learning_curve import RESULTS, run_learning_curve
 

@@ -670,15 +670,11 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
             )
             ax.fill_between(n, lo, hi, color=color, alpha=0.15, lw=0)
         ax.set_xscale('log')
-        ax.set_yscale('log')
         sizes = sorted({r['n_hf'] for r in summary})
         ax.set_xticks(sizes)
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
         ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
-        ax.yaxis.set_minor_formatter(
-            FuncFormatter(lambda v, _: f'{v:g}' if f'{v:g}'[0] in '235' else '')
-        )
+        readable_error_axis(ax)
         ax.set_xlabel('number of HF structures')
         ax.set_ylabel(label)
         ax.grid(True, which='both', alpha=0.3)
@@ -686,10 +682,26 @@ def plot_curve(summary: Sequence[Dict[str, Any]], path: str, title: str = '') ->
     fig.suptitle(
         title or 'mean ± std over seeds (bars), min-max (band)', fontsize=10
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.95))  # room for the title
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def readable_error_axis(ax) -> None:
+    """Errors on a log axis when they span a factor of 4 or more, else on a
+    linear one: a log axis over a narrower range (e.g. 1.2-1.8) has no
+    labelled tick at all."""
+    from matplotlib.ticker import FuncFormatter
+
+    lo, hi = ax.get_ylim()
+    if lo <= 0 or hi / lo < 4:
+        return
+    ax.set_yscale('log')
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
+    ax.yaxis.set_minor_formatter(
+        FuncFormatter(lambda v, _: f'{v:g}' if f'{v:g}'[0] in '235' else '')
+    )
 
 
 def markdown_table(out_dir: str) -> str:
