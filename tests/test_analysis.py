@@ -12,7 +12,7 @@ import pytest
 import yaml
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.io import read, write
-from conftest import QUICKSTART_DATA
+from conftest import QUICKSTART_DATA, REPO
 
 from sevenn_mf.analysis.delta import DeltaPairingError, difference_atoms, pair_frames
 from sevenn_mf.analysis.hull import (
@@ -441,7 +441,7 @@ def test_fit_energy_scale_slope_and_refusals():
 
 
 @pytest.mark.parametrize(
-    'low,high,scale', [(1.2, 1.8, 'linear'), (6.0, 90.0, 'log')]
+    'low,high,scale', [(1.2, 1.8, 'linear'), (6.0, 90.0, 'log'), (8.0, 230.0, 'log')]
 )
 def test_learning_curve_error_axis_has_labelled_ticks(low, high, scale):
     """A narrow range of errors goes on a linear axis (a log axis over 1.2-1.8
@@ -919,6 +919,67 @@ def test_mf_stage_takes_its_own_early_stopping(tmp_path):
         path = _methods_yaml(tmp_path, mf={'init': 'lf', 'early_stopping': bad})
         with pytest.raises(MethodError, match=f'train.mf.early_stopping.{word}'):
             read_method_input(str(path))
+
+
+@pytest.mark.filterwarnings('ignore:reference energies of')
+@pytest.mark.filterwarnings('ignore:database')
+def test_ethanol_template_recipe_runs_and_exports(shared_data, tmp_path):
+    """input_templates/ethanol_methods.yaml's --method mf as it is (real
+    ethanol data, cut to 16 structures per database and one epoch per stage):
+    a PBE-only stage, then the MF stage with the shared layers frozen and no
+    soft coupling; its CCSD(T) head exported as a plain model gives sevenn's
+    own calculator our energies and forces."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from sevenn_mf import SevenNetMFCalculator
+    from sevenn_mf.analysis.methods import read_method_input, run_method
+    from sevenn_mf.cli import main as cli_main
+
+    template = REPO / 'input_templates' / 'ethanol_methods.yaml'
+    raw = yaml.safe_load(template.read_text())
+    raw['train'].update(epoch=1)
+    del raw['train']['min_epoch_length']  # 200 draws per epoch: too slow here
+    for db in raw['data']['databases']:
+        db['files'] = str((template.parent / db['files']).resolve())
+        db['reader'] = {'index': ':16'}
+    raw['train']['delta']['paired_files'] = str(
+        (template.parent / raw['train']['delta']['paired_files']).resolve()
+    )
+    path = tmp_path / 'ethanol.yaml'
+    path.write_text(yaml.safe_dump(raw))
+    res = run_method(
+        read_method_input(str(path)), 'mf', str(tmp_path / 'run'), screen=False
+    )
+    assert [st.name for st in res.stages] == ['lf', 'mf']
+    cfg = torch.load(res.stages[-1].checkpoint, weights_only=False)['config']
+    assert cfg.get('freeze_shared') is True and not cfg.get('coupling')
+    assert cfg.get('ema_decay') == pytest.approx(0.99)
+
+    ckpt, fid = res.parts[0]
+    assert fid == 'ccsdt'
+    plain = tmp_path / 'ccsdt.pth'
+    assert cli_main(['export', ckpt, '--fidelity', 'ccsdt', '-o', str(plain)]) == 0
+    mol = read(shared_data / 'ethanol' / 'hf_test_dev_ccsdt.extxyz', '0')
+    mol.write(tmp_path / 'mol.extxyz')
+    code = (
+        'import json, warnings; warnings.filterwarnings("ignore")\n'
+        'from ase.io import read\n'
+        'from sevenn.calculator import SevenNetCalculator\n'
+        f'a = read({str(tmp_path / "mol.extxyz")!r})\n'
+        f'a.calc = SevenNetCalculator({str(plain)!r}, device="cpu")\n'
+        'print(json.dumps([a.get_potential_energy(), a.get_forces().tolist()]))\n'
+    )
+    e, f = json.loads(
+        subprocess.run(
+            [sys.executable, '-c', code], check=True, capture_output=True, text=True
+        ).stdout
+    )
+    mol.calc = SevenNetMFCalculator(ckpt, fidelity='ccsdt')
+    assert e == pytest.approx(mol.get_potential_energy(), abs=1e-5)
+    assert np.abs(np.array(f) - mol.get_forces()).max() < 1e-5
 
 
 def test_mf_stage_with_frozen_shared_layers(tmp_path):

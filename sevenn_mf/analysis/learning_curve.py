@@ -694,7 +694,7 @@ def readable_error_axis(ax) -> None:
     labelled tick at all."""
     from matplotlib.ticker import FuncFormatter
 
-    lo, hi = ax.get_ylim()
+    lo, hi = ax.dataLim.intervaly  # the data's, not the padded view's
     if lo <= 0 or hi / lo < 4:
         return
     ax.set_yscale('log')
