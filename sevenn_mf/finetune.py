@@ -65,6 +65,7 @@ from .data.references import (
     fit_energy_scale,
     fit_reference_energies,
     reach_note,
+    reference_energy,
     scale_reach,
 )
 from .model import (
@@ -330,12 +331,7 @@ def fit_references(
         residual = np.array([it.energy for it in items])
         # the shift adds delta[el] per atom, so the refit's error needs no
         # second pass through the model
-        moved = np.array(
-            [
-                sum(delta.get(chemical_symbols[int(z)], 0.0) for z in it.numbers)
-                for it in items
-            ]
-        )
+        moved = np.array([reference_energy(delta, it.numbers) for it in items])
         before = np.abs(residual) / n_atoms
         err = np.abs(residual - moved) / n_atoms
         log(
@@ -431,7 +427,7 @@ def fit_scale(
         _add_to_shift(model, config, fid, refs, replace=True)
         # the head's energies now, without a second pass: its energy beyond
         # the references is scaled by a, and the references are the new ones
-        new_own = [sum(refs[chemical_symbols[int(x)]] for x in z) for z in numbers]
+        new_own = [reference_energy(refs, z) for z in numbers]
         after = a * (pred - own) + np.array(new_own)
         reach = ''
         if pool_net is not None:

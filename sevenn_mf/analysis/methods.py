@@ -550,7 +550,7 @@ def energy_only_scale(frames) -> float:
     sqrt(atom). 1.0 when that cannot be estimated."""
     from ase.data import chemical_symbols
 
-    from ..data.references import fit_reference_energies
+    from ..data.references import fit_reference_energies, reference_energy
 
     frames = [f for f in frames if np.isfinite(f.energy)]
     if len(frames) < 3:
@@ -560,13 +560,7 @@ def energy_only_scale(frames) -> float:
         refs = fit_reference_energies(frames, species)
     except Exception:
         return 1.0
-    resid = np.array(
-        [
-            f.energy
-            - sum(refs.get(chemical_symbols[int(z)], 0.0) for z in f.numbers)
-            for f in frames
-        ]
-    )
+    resid = np.array([f.energy - reference_energy(refs, f.numbers) for f in frames])
     natoms = np.mean([len(f.numbers) for f in frames])
     s = float(np.std(resid) / np.sqrt(natoms))
     return s if np.isfinite(s) and s > 1e-4 else 1.0

@@ -92,6 +92,12 @@ def fit_reference_energies(
     return refs
 
 
+def reference_energy(refs: Dict[str, float], numbers: Iterable[int]) -> float:
+    """A structure's sum of per-element energies ``refs`` ({symbol: eV}, as
+    :func:`fit_reference_energies` returns them) over its atoms."""
+    return float(sum(refs[chemical_symbols[int(z)]] for z in numbers))
+
+
 def _fractions(numbers, species=None):
     """(element fractions per structure, atom counts); columns ``species``
     (default: the elements present, sorted)."""
